@@ -1,0 +1,264 @@
+"""Typed configuration: one dataclass per Hydra config group, plus validation.
+
+The YAML files in `conf/` hold values only; the schema lives here so that a misspelled key
+fails at compose time and tests can build a `Config` without Hydra. Derived quantities
+(`width_mult`, `density_mult`, `n_head`) are properties: the config holds one dial per axis
+(STYLE_ANCHORS rule 1) and code derives the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+PARAMETERIZATIONS = ("sp", "mup", "supar", "supar_init_only", "supar_lr_only")
+HIDDEN_LAYERS = ("qkv", "attn_out", "mlp_up", "mlp_down")
+DATASETS = ("pystdlib", "text", "memmap", "synthetic")
+SCHEDULES = ("linear", "cosine", "constant")
+MASK_KINDS = ("per_row", "exact", "bernoulli")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: `field` names it, the message says the fix."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class ModelConfig:
+    """The GPT's shape and its sparsity. `width` and `density` are the two transfer axes."""
+
+    width: int = 128  # d_model
+    base_width: int = 64  # width of the proxy the HPs were tuned on (m_d = width / base_width)
+    depth: int = 2  # number of transformer blocks
+    head_size: int = 32  # d_head, fixed; heads grow with width (n_head = width / head_size)
+    mlp_ratio: int = 4
+    density: float = 1.0  # fraction of non-zero weights in every hidden projection (1 - sparsity)
+    # Per-layer densities override `density` for one kind of hidden projection,
+    # e.g. {mlp_up: 0.25}; SμPar then uses that layer's own m_rho (SUPAR.md §1.3, App. D.4).
+    layer_density: dict[str, float] = field(default_factory=dict)
+    mask_kind: str = "per_row"  # per_row | exact | bernoulli (see sparsity.py)
+    mask_seed: int | None = None  # None: derived from the run's `seed`
+    init_std: float = 0.02  # sigma_base, tuned on the proxy
+    tie_embeddings: bool = True  # the paper's Table 1 writes the unembedding with the tied W_emb
+    bias: bool = False
+    vocab_size: int | None = None  # None: taken from the data set
+
+    @property
+    def width_mult(self) -> float:
+        return self.width / self.base_width
+
+    @property
+    def n_head(self) -> int:
+        return self.width // self.head_size
+
+    def density_of(self, layer: str) -> float:
+        return self.layer_density.get(layer, self.density)
+
+
+@dataclass
+class ParamConfig:
+    """Which parameterization maps (sigma_base, eta_base) onto this shape, and its knobs."""
+
+    name: str = "supar"  # sp | mup | supar | supar_init_only | supar_lr_only
+    alpha_input: float = 1.0  # multiplies the embedding output
+    alpha_output: float = 1.0  # multiplies the logits (divided by m_d under µP / SμPar)
+    base_density: float = 1.0  # rho_base: density of the proxy (m_rho = density / base_density)
+    # UNVERIFIED in the paper (SUPAR.md §1.2): GPT-2's 1/sqrt(2*depth) on residual output
+    # projections. nanoGPT-mup and Cerebras modelzoo both apply it, so it is on by default.
+    depth_init_scale: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from. Every source is local: nothing is downloaded."""
+
+    name: str = "pystdlib"  # pystdlib | text | memmap | synthetic
+    path: str | None = None  # text: file or glob; memmap: folder with train.bin / val.bin
+    vocab_size: int = 256  # bytes; memmap data sets give their own
+    max_bytes: int = 8_000_000  # pystdlib / text: size cap
+    val_fraction: float = 0.1  # tail of the corpus held out for validation
+    val_seed: int = 1234  # fixed: every run of a study is evaluated on the same batches
+    cache_dir: str = "results/.cache"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with one base LR; each parameter group multiplies it by its `lr_mult`."""
+
+    lr: float = 0.01  # eta_base, tuned on the proxy
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on >= 2-D weights only
+    # False: PyTorch AdamW, decay per step = lr_group * wd, so it scales with the group's LR
+    # multiplier (as in nanoGPT-mup). True: decay per step = eta_base * wd in every group.
+    wd_independent_of_lr_mult: bool = False
+    grad_clip: float = 1.0  # global norm; 0 disables
+    # linear (the paper's: warm-up, then linear down to min_lr_frac) | cosine | constant
+    schedule: str = "linear"
+    warmup_frac: float = 0.1
+    min_lr_frac: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """How long and how one run trains, and what it writes."""
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 64
+    eval_every: int = 50
+    eval_batches: int = 8
+    # A run whose train loss is NaN/inf or above this stops early and is reported diverged.
+    # None: 1.5 * ln(vocab_size), half again the loss of a uniform guess.
+    loss_ceiling: float | None = None
+    device: str = "auto"  # auto (CUDA if present) | cpu | cuda
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    progress: bool = True  # a bar on a terminal; never in logs or pipes
+    checkpoint_every: int = 0  # reserved for resumable long runs
+
+
+@dataclass
+class CoordConfig:
+    """The coordinate check: activation scale vs width and density over the first steps."""
+
+    params: list[str] = field(default_factory=lambda: ["sp", "mup", "supar"])
+    widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    densities: list[float] = field(default_factory=lambda: [1.0, 0.25, 0.0625, 0.015625])
+    # cross: widths at density 1 plus densities at the largest width (the paper's Fig. 5 layout);
+    # product: every width x density pair.
+    grid: str = "cross"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 5
+    lr: float = 0.01
+    batch_size: int = 8
+    seq_len: int = 64
+    tolerance: float = 1.25  # pass if max/min of every hidden quantity stays under this
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    param: ParamConfig = field(default_factory=ParamConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    coord: CoordConfig = field(default_factory=CoordConfig)
+    seed: int = 0
+    name: str = "default"  # names the results folder
+    results_dir: str = "results"
+
+    @property
+    def mask_seed(self) -> int:
+        return self.seed if self.model.mask_seed is None else self.model.mask_seed
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(field, message)
+
+
+def _positive(value: float, field: str, hint: str = "") -> None:
+    good = isinstance(value, int | float) and math.isfinite(value) and value > 0
+    _check(good, field, f"must be > 0, got {value!r}{hint}")
+
+
+def validate_model(m: ModelConfig, p: ParamConfig) -> None:
+    """Check the model and parameterization fields; raise ConfigError naming the first bad one."""
+    _check(p.name in PARAMETERIZATIONS, "param",
+           f"unknown parameterization {p.name!r}; choose one of {', '.join(PARAMETERIZATIONS)}")
+    _positive(m.width, "model.width")
+    _positive(m.base_width, "model.base_width", " (the width the HPs were tuned at)")
+    _positive(m.depth, "model.depth")
+    _positive(m.head_size, "model.head_size")
+    _check(m.width % m.head_size == 0, "model.width",
+           f"{m.width} is not divisible by model.head_size={m.head_size}; "
+           f"use a multiple of {m.head_size} or change model.head_size")
+    _positive(m.mlp_ratio, "model.mlp_ratio")
+    hint = " (density is 1 - sparsity: 0.0625 means 93.75% sparse)"
+    _check(0 < m.density <= 1, "model.density", f"must be in (0, 1], got {m.density}{hint}")
+    for layer, d in m.layer_density.items():
+        _check(layer in HIDDEN_LAYERS, f"model.layer_density.{layer}",
+               f"unknown layer; choose among {', '.join(HIDDEN_LAYERS)}")
+        _check(0 < d <= 1, f"model.layer_density.{layer}", f"must be in (0, 1], got {d}{hint}")
+    _check(m.mask_kind in MASK_KINDS, "model.mask_kind",
+           f"unknown mask kind {m.mask_kind!r}; choose one of {', '.join(MASK_KINDS)}")
+    _positive(m.init_std, "model.init_std", " (sigma_base, e.g. 0.02)")
+    _check(0 < p.base_density <= 1, "param.base_density",
+           f"must be in (0, 1], got {p.base_density}")
+    _positive(p.alpha_input, "param.alpha_input")
+    _positive(p.alpha_output, "param.alpha_output")
+
+
+def validate(cfg: Config) -> None:
+    """Check every field a run depends on, before anything is built or written."""
+    validate_model(cfg.model, cfg.param)
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    _check(d.name in DATASETS, "data",
+           f"unknown data set {d.name!r}; choose one of {', '.join(DATASETS)}")
+    if d.name in ("text", "memmap"):
+        _check(bool(d.path), "data.path", f"data={d.name} needs data.path=... (a file or folder)")
+    _positive(d.max_bytes, "data.max_bytes")
+    _check(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _positive(o.lr, "optim.lr", " (eta_base, e.g. 0.01)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1",
+           "beta1 and beta2 must be in [0, 1)")
+    _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check(o.schedule in SCHEDULES, "optim.schedule",
+           f"unknown schedule {o.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    _check(0 <= o.warmup_frac < 1, "optim.warmup_frac", f"must be in [0, 1), got {o.warmup_frac}")
+    _check(0 <= o.min_lr_frac <= 1, "optim.min_lr_frac", f"must be in [0, 1], got {o.min_lr_frac}")
+    _positive(t.steps, "train.steps")
+    _positive(t.batch_size, "train.batch_size")
+    _positive(t.seq_len, "train.seq_len")
+    _positive(t.eval_every, "train.eval_every")
+    _positive(t.eval_batches, "train.eval_batches")
+    if t.loss_ceiling is not None:
+        _positive(t.loss_ceiling, "train.loss_ceiling")
+    _check(t.device in DEVICES, "train.device",
+           f"unknown device {t.device!r}; choose one of {', '.join(DEVICES)}")
+    _check(t.threads >= 0, "train.threads", "must be >= 0 (0 keeps torch's default)")
+    _check("/" not in cfg.name and ".." not in cfg.name and cfg.name.strip() != "", "name",
+           f"{cfg.name!r} must be a plain folder name (no '/' or '..')")
+
+
+def validate_coord(c: CoordConfig, m: ModelConfig) -> None:
+    for p in c.params:
+        _check(p in PARAMETERIZATIONS, "coord.params",
+               f"unknown parameterization {p!r}; choose among {', '.join(PARAMETERIZATIONS)}")
+    _check(bool(c.widths) and bool(c.densities) and bool(c.seeds), "coord.widths",
+           "coord.widths, coord.densities and coord.seeds must not be empty")
+    for w in c.widths:
+        _check(w > 0 and w % m.head_size == 0, "coord.widths",
+               f"width {w} is not a positive multiple of model.head_size={m.head_size}")
+    for d in c.densities:
+        _check(0 < d <= 1, "coord.densities", f"density {d} is outside (0, 1]")
+    _check(c.grid in ("cross", "product"), "coord.grid", "choose cross or product")
+    _positive(c.steps, "coord.steps")
+    _positive(c.lr, "coord.lr")
+    _positive(c.tolerance, "coord.tolerance")
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (imported lazily: only the CLI needs Hydra)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+
+
+def to_config(obj: Any) -> Config:
+    """Turn a composed DictConfig (or a Config) into a plain `Config` dataclass."""
+    if isinstance(obj, Config):
+        return obj
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.to_object(obj)
+    assert isinstance(out, Config), type(out)
+    return out

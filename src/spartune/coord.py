@@ -1,0 +1,314 @@
+"""The coordinate check: does activation scale stay put across widths and densities?
+
+SμPar's claim (SUPAR.md §1.3) is that with its init and LR rules, every hidden activation has the
+same scale at any width and any density, at init *and* after training steps. A wrong exponent in
+`params.RULES`, a mask that is not applied, an LR multiplier that never reaches AdamW: each
+shows up here as activations that grow or vanish along one axis. So this module trains every
+(width, density) cell for a few steps at a large constant LR, through the same `train.setup`
+code path a real run uses, and records mean |output| of the embedding, each block's attention
+and MLP output (before the residual add) and the logits (SUPAR.md §4.3, paper Fig. 5).
+
+    measure(cfg)        -> tidy DataFrame, columns COORD_COLUMNS, one row per
+                           param x cell x seed x step x module
+    spreads(df)         -> max/min across cells per (param, hidden module): the verdict numbers
+    verdict(spreads, t) -> (pass, lines to print)
+    main(cfg, out_dir)  -> what `spartune-coord` runs: csvs, figure, verdict
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from spartune.columns import COORD_COLUMNS, COORD_MODULES, HIDDEN_MODULES
+from spartune.config import Config, ConfigError, CoordConfig, validate, validate_coord
+from spartune.data import Corpus, load_corpus
+
+log = logging.getLogger(__name__)
+
+# Parameterizations that are *supposed* to drift (the baselines SμPar is compared with).
+BASELINES = ("sp", "mup")
+
+
+def cells(c: CoordConfig) -> list[tuple[int, float]]:
+    """The (width, density) pairs to measure, in a stable order, without duplicates.
+
+    `cross` is the paper's layout: the width axis at density 1 and the density axis at the
+    largest width, so each axis is varied alone at the cost of len(widths) + len(densities) - 1
+    models instead of their product.
+    """
+    if c.grid == "product":
+        pairs = [(w, float(d)) for w in c.widths for d in c.densities]
+    else:
+        wmax = max(c.widths)
+        pairs = [(w, 1.0) for w in c.widths] + [(wmax, float(d)) for d in c.densities]
+    return list(dict.fromkeys(pairs))
+
+
+def cell_config(cfg: Config, param: str, width: int, density: float, seed: int) -> Config:
+    """The full run config of one cell: the user's config with the coord axes substituted.
+
+    Built with `dataclasses.replace` so every other knob (init_std, alphas, depth, optimizer
+    betas, weight decay, mask kind...) is exactly what a real run of that shape would use.
+    """
+    c = cfg.coord
+    return replace(
+        cfg,
+        model=replace(cfg.model, width=width, density=density),
+        param=replace(cfg.param, name=param),
+        train=replace(cfg.train, seq_len=c.seq_len, batch_size=c.batch_size),
+        seed=seed,
+    )
+
+
+def _check_coord(cfg: Config) -> None:
+    """Every cell's config must be valid before anything is built: fail fast, one clear line."""
+    c = cfg.coord
+    validate_coord(c, cfg.model)
+    _positive_int(c.batch_size, "coord.batch_size")
+    _positive_int(c.seq_len, "coord.seq_len")
+    for param in c.params:
+        for width, density in cells(c):
+            validate(cell_config(cfg, param, width, density, c.seeds[0]))
+
+
+def _positive_int(value: Any, field: str) -> None:
+    if not (isinstance(value, int) and value > 0):
+        raise ConfigError(field, f"must be a positive integer, got {value!r}")
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True, desc="coord")
+
+
+def _measure_cell(cfg: Config, corpus: Corpus) -> list[dict[str, Any]]:
+    """Train one fresh model for coord.steps steps; mean |output| per module kind per step.
+
+    Imported lazily so that `spreads` / `verdict` (pure pandas) do not pull in the trainer.
+    """
+    from spartune.train import setup
+
+    c, o = cfg.coord, cfg.optim
+    s = setup(cfg, corpus=corpus)
+    model, opt, device = s.model, s.optimizer, s.device
+    taps = model.tap_modules()
+    missing = [k for k in COORD_MODULES if k not in taps]
+    assert not missing, f"GPT.tap_modules() lacks {missing}"
+
+    # One list of scalar tensors per kind, refilled by every forward pass. Kept on the device
+    # until the step ends: one host sync per step, not one per hook.
+    seen: dict[str, list[torch.Tensor]] = {k: [] for k in COORD_MODULES}
+
+    def hook_for(kind: str) -> Any:
+        def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            seen[kind].append(output.detach().abs().mean())
+
+        return hook
+
+    handles = [mod.register_forward_hook(hook_for(kind))
+               for kind in COORD_MODULES for mod in taps[kind]]
+    # Same seed -> same batches in every cell, so cells differ only in shape and parameterization.
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    rows: list[dict[str, Any]] = []
+    try:
+        model.train()
+        for step in range(1, c.steps + 1):
+            # Constant LR, no warm-up: the check wants the large-LR regime from the first update.
+            for g in opt.param_groups:
+                g["lr"] = c.lr * g["lr_mult"]
+            for v in seen.values():
+                v.clear()
+            x, y = corpus.train_batch(c.batch_size, c.seq_len, data_gen)
+            _, loss = model(x.to(device), y.to(device))  # the row for `step`: before update `step`
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            opt.step()
+            for kind in COORD_MODULES:
+                l1 = float(torch.stack(seen[kind]).mean())
+                rows.append({"param": cfg.param.name, "width": cfg.model.width,
+                             "density": cfg.model.density, "seed": cfg.seed, "step": step,
+                             "module": kind, "l1": l1})
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def measure(cfg: Config, *, corpus: Corpus | None = None, progress: bool = True) -> pd.DataFrame:
+    """Run the coordinate check and return the tidy table (columns COORD_COLUMNS).
+
+    Every param x cell x seed gets a fresh model built by `train.setup` (the real code path,
+    so a bug in init, masks or LR groups is measured, not bypassed). The corpus is loaded once
+    and shared. Rows: one per param x cell x seed x step x module; step 1 is the forward pass at
+    init, step t the forward pass before update t.
+    """
+    _check_coord(cfg)
+    c = cfg.coord
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    if corpus is None:
+        corpus = load_corpus(cfg.data, root=".")
+    grid = cells(c)
+    runs = [(p, w, d, s) for p in c.params for (w, d) in grid for s in c.seeds]
+    bar = _progress(len(runs) * c.steps, progress)
+    rows: list[dict[str, Any]] = []
+    try:
+        for param, width, density, seed in runs:
+            cell_cfg = cell_config(cfg, param, width, density, seed)
+            if bar is not None:
+                bar.set_postfix_str(f"{param} w={width} d={density:g} seed={seed}", refresh=False)
+            rows += _measure_cell(cell_cfg, corpus)
+            if bar is not None:
+                bar.update(c.steps)
+    finally:
+        if bar is not None:
+            bar.close()
+    df = pd.DataFrame(rows, columns=COORD_COLUMNS)
+    return df.astype({"width": int, "density": float, "seed": int, "step": int, "l1": float})
+
+
+# -- the verdict (pure pandas: works on a coord.csv read back from disk) ------------------------
+
+
+def _ratio(values: Iterable[float]) -> float:
+    """max/min of positive values; inf if any is non-finite or <= 0 (a blow-up or a collapse)."""
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return math.nan
+    if not np.all(np.isfinite(v)) or v.min() <= 0:
+        return math.inf
+    return float(v.max() / v.min())
+
+
+def spreads(df: pd.DataFrame, *, steps: Iterable[int] | None = None) -> pd.DataFrame:
+    """Per (param, hidden module): the worst max/min ratio of mean |activation| across cells.
+
+    Seeds are averaged first (per cell and step), so the spread measures a systematic trend with
+    width or density, not seed noise. The worst step counts because SμPar must hold after
+    updates too, not just at init. `width_spread` uses only the cells at the densest density
+    (1.0 under the cross grid), `density_spread` only the cells at the largest width, so a
+    failure says which rule (width or density) is off. `steps` restricts the steps considered
+    (e.g. `steps=[1]` for init only). A non-finite or zero activation makes the spread inf.
+
+    Columns: param, module, spread, worst_step, width_spread, density_spread.
+    """
+    out_cols = ["param", "module", "spread", "worst_step", "width_spread", "density_spread"]
+    h = df[df["module"].isin(HIDDEN_MODULES)].copy()
+    if steps is not None:
+        h = h[h["step"].isin(list(steps))]
+    if h.empty:
+        return pd.DataFrame(columns=out_cols)
+    # NaN would be skipped by mean(); a diverged seed must instead poison its cell.
+    h["l1"] = h["l1"].where(np.isfinite(h["l1"]), np.inf)
+    cell = (h.groupby(["param", "module", "step", "width", "density"], sort=False)["l1"]
+            .mean().reset_index())
+    wmax, dmax = cell["width"].max(), cell["density"].max()
+    rows = []
+    params = list(dict.fromkeys(cell["param"]))
+    for param in params:
+        for module in HIDDEN_MODULES:
+            g = cell[(cell["param"] == param) & (cell["module"] == module)]
+            if g.empty:
+                continue
+            by_step = {int(s): _ratio(gs["l1"]) for s, gs in g.groupby("step")}
+            # worst step: the largest spread (nan counts as worst, so it cannot hide).
+            worst = max(by_step, key=lambda s: math.inf if math.isnan(by_step[s]) else by_step[s])
+            width_sp = [_ratio(gs.loc[gs["density"] == dmax, "l1"]) for _, gs in g.groupby("step")]
+            dens_sp = [_ratio(gs.loc[gs["width"] == wmax, "l1"]) for _, gs in g.groupby("step")]
+            rows.append({
+                "param": param, "module": module, "spread": by_step[worst], "worst_step": worst,
+                "width_spread": _worst(width_sp), "density_spread": _worst(dens_sp),
+            })
+    return pd.DataFrame(rows, columns=out_cols)
+
+
+def _worst(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return max(vals) if vals else math.nan
+
+
+def verdict(spreads_df: pd.DataFrame, tolerance: float,
+            param: str = "supar") -> tuple[bool, list[str]]:
+    """Pass iff every hidden module of `param` spreads at most `tolerance` (max/min).
+
+    The other parameterizations are reported for contrast only: SP and µP are expected to drift
+    with density (and SP with width), which is what makes a flat SμPar line meaningful. A
+    missing or NaN spread fails: an unmeasured check must never read as a pass.
+    """
+    lines: list[str] = []
+    ok, found = True, False
+    pw = max([len(str(p)) for p in spreads_df["param"]] + [len(param)])
+    mw = max(len(m) for m in HIDDEN_MODULES)
+    for r in spreads_df.itertuples(index=False):
+        line = (f"{r.param:<{pw}}  {r.module:<{mw}}  spread {r.spread:.2f}x "
+                f"(width {r.width_spread:.2f}x, density {r.density_spread:.2f}x, "
+                f"worst at step {r.worst_step})")
+        if r.param == param:
+            found = True
+            passed = bool(r.spread <= tolerance)  # NaN compares False: fails
+            ok &= passed
+            line += "  PASS" if passed else f"  FAIL (tolerance {tolerance:g}x)"
+        elif r.param in BASELINES:
+            line += "  expected to drift"
+        else:
+            line += "  (not counted)"
+        lines.append(line)
+    present = set(spreads_df.loc[spreads_df["param"] == param, "module"])
+    for module in HIDDEN_MODULES:
+        if module not in present:
+            found = False
+            lines.append(f"{param:<{pw}}  {module:<{mw}}  not measured  FAIL")
+    return ok and found, lines
+
+
+def main(cfg: Config, out_dir: Path) -> bool:
+    """`spartune-coord`: measure, write coord.csv, coord_spreads.csv and the figure, judge.
+
+    Returns whether `coord.params`' SμPar passed (the CLI exits 1 otherwise). If `supar` is not
+    among `coord.params`, the first listed parameterization is the one judged.
+    """
+    from spartune import plot
+
+    _check_coord(cfg)
+    c = cfg.coord
+    judged = "supar" if "supar" in c.params else c.params[0]
+    out_dir = Path(out_dir)
+    tic = time.perf_counter()
+    df = measure(cfg, progress=cfg.train.progress)
+    seconds = time.perf_counter() - tic
+    sp = spreads(df)
+    ok, lines = verdict(sp, c.tolerance, param=judged)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, spreads_path = out_dir / "coord.csv", out_dir / "coord_spreads.csv"
+    df.to_csv(csv_path, index=False)
+    sp.to_csv(spreads_path, index=False)
+    fig_paths = plot.save(plot.coord_figure(df), out_dir / "figures" / "coord_check")
+
+    n_cells = len(cells(c))
+    print(f"coordinate check: {len(c.params)} params x {n_cells} cells x {len(c.seeds)} seeds x "
+          f"{c.steps} steps, lr {c.lr:g}, in {seconds:.1f} s")
+    print(f"spread = max/min of mean |activation| across cells, worst step; "
+          f"tolerance {c.tolerance:g}x for {judged}")
+    for line in lines:
+        print(line)
+    print(f"coordinate check {'PASSED' if ok else 'FAILED'} for {judged}")
+    for path in [csv_path, spreads_path, *fig_paths]:
+        print(f"wrote {path}")
+    return ok

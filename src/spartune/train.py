@@ -1,0 +1,221 @@
+"""One training run: `run(cfg, report=None, out_dir=None) -> metrics`.
+
+This is the unit every sweep, transfer target and benchmark is made of, so it knows nothing of
+Optuna or Hydra: a sweep passes a `report(step, val_loss)` callback and turns it into
+`trial.report` + pruning; any exception raised by the callback stops the run and propagates.
+
+A run never crashes on divergence: if the train loss goes NaN/inf or above
+`train.loss_ceiling`, it stops and returns `diverged=True`. Same seed, same losses on the CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spartune.config import Config, OptimConfig, validate
+from spartune.data import Corpus, load_corpus
+from spartune.model import GPT, build_model
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[int, float], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from spartune.config import ConfigError
+
+        raise ConfigError("train.device", "cuda requested but no CUDA device is visible; "
+                                          "use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def lr_factor(step: int, steps: int, o: OptimConfig) -> float:
+    """Multiplier of eta_base at `step` (0-based): warm-up, then the chosen decay.
+
+    `linear` is the paper's schedule: linear warm-up, then linear decay to `min_lr_frac` of the
+    peak at the last step (SUPAR.md §3.1).
+    """
+    warmup = int(o.warmup_frac * steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if o.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - 1 - warmup)
+    progress = min(1.0, max(0.0, progress))
+    if o.schedule == "linear":
+        return 1.0 - (1.0 - o.min_lr_frac) * progress
+    # cosine
+    return o.min_lr_frac + (1.0 - o.min_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Setup:
+    """What a run (or a coordinate check) trains: built once from the config."""
+
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    corpus: Corpus
+    device: torch.device
+
+
+def setup(cfg: Config, *, corpus: Corpus | None = None, root: str | Path = ".") -> Setup:
+    """Validate, load data, build the model and the AdamW optimizer with per-group LR mults."""
+    validate(cfg)
+    if corpus is None:
+        corpus = load_corpus(cfg.data, root=root)
+    corpus.check_seq_len(cfg.train.seq_len)
+    device = resolve_device(cfg.train.device)
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < corpus.vocab_size:
+        from spartune.config import ConfigError
+
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the data "
+                          f"set's vocabulary ({corpus.vocab_size}); leave it unset")
+    vocab = cfg.model.vocab_size or corpus.vocab_size
+    model = build_model(cfg.model, cfg.param, vocab_size=vocab, max_len=cfg.train.seq_len,
+                        seed=cfg.seed, mask_seed=cfg.mask_seed).to(device)
+    o = cfg.optim
+    groups = model.param_groups(o.weight_decay, wd_independent=o.wd_independent_of_lr_mult)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    return Setup(model, optimizer, corpus, device)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]],
+             device: torch.device) -> float:
+    total = 0.0
+    for x, y in batches:
+        _, loss = model(x.to(device), y.to(device))
+        total += float(loss)
+    return total / len(batches)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
+
+
+def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = None, *,
+        corpus: Corpus | None = None) -> dict[str, Any]:
+    """Train one model and return its metrics; write metrics.json and curve.csv to `out_dir`."""
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    s = setup(cfg, corpus=corpus)
+    t, o = cfg.train, cfg.optim
+    ceiling = t.loss_ceiling if t.loss_ceiling is not None else 1.5 * math.log(s.corpus.vocab_size)
+    data_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+    val = s.corpus.val_batches(t.eval_batches, t.batch_size, t.seq_len, cfg.data.val_seed)
+    model, opt, device = s.model, s.optimizer, s.device
+
+    curve: list[dict[str, float | int]] = []
+    window: list[float] = []  # train losses since the last evaluation
+    diverged_at: int | None = None
+    train_seconds, step = 0.0, 0
+    bar = _progress(t.steps, t.progress)
+    try:
+        for step in range(1, t.steps + 1):
+            tic = time.perf_counter()
+            factor = lr_factor(step - 1, t.steps, o)
+            for g in opt.param_groups:
+                g["lr"] = o.lr * factor * g["lr_mult"]  # STYLE rule 5: groups multiply the base
+            x, y = s.corpus.train_batch(t.batch_size, t.seq_len, data_gen)
+            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            opt.step()
+            value = loss.item()  # the one host sync per step: the logged loss
+            train_seconds += time.perf_counter() - tic
+            window.append(value)
+            if not math.isfinite(value) or value > ceiling:
+                diverged_at = step
+                curve.append({"step": step, "train_loss": value, "val_loss": math.nan,
+                              "lr": o.lr * factor})
+                break
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+            if step % t.eval_every == 0 or step == t.steps:
+                val_loss = evaluate(model, val, device)
+                curve.append({"step": step, "train_loss": sum(window) / len(window),
+                              "val_loss": val_loss, "lr": o.lr * factor})
+                window = []
+                if not math.isfinite(val_loss):
+                    diverged_at = step
+                    break
+                if report is not None:
+                    report(step, val_loss)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    evals = [r for r in curve if math.isfinite(r["val_loss"])]
+    diverged = diverged_at is not None
+    metrics: dict[str, Any] = {
+        "final_train_loss": math.nan if diverged else curve[-1]["train_loss"],
+        "final_val_loss": math.nan if diverged else curve[-1]["val_loss"],
+        "best_val_loss": min((r["val_loss"] for r in evals), default=math.nan),
+        "diverged": diverged,
+        "diverged_step": diverged_at,
+        "steps": step,
+        "tokens": step * t.batch_size * t.seq_len,
+        "tokens_per_second": step * t.batch_size * t.seq_len / max(train_seconds, 1e-9),
+        "train_seconds": train_seconds,
+        "n_params": model.n_params(),
+        "n_nonzero_params": model.n_nonzero_params(),
+        "device": str(device),
+        "data": s.corpus.name,
+        "data_fingerprint": s.corpus.fingerprint,
+        "param": cfg.param.name,
+        "width": cfg.model.width,
+        "base_width": cfg.model.base_width,
+        "depth": cfg.model.depth,
+        "density": cfg.model.density,
+        "seed": cfg.seed,
+        "lr": o.lr,
+        "init_std": cfg.model.init_std,
+        "alpha_input": cfg.param.alpha_input,
+        "alpha_output": cfg.param.alpha_output,
+    }
+    if out_dir is not None:
+        write_outputs(Path(out_dir), metrics, curve)
+    return metrics
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write then rename, so a reader (or a crash) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(out: Path, metrics: dict[str, Any], curve: list[dict[str, float | int]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in metrics.items()}
+    _atomic_write(out / "metrics.json", json.dumps(clean, indent=2) + "\n")
+    tmp = out / f".curve.csv.{os.getpid()}.tmp"
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "train_loss", "val_loss", "lr"])
+        w.writeheader()
+        w.writerows(curve)
+    os.replace(tmp, out / "curve.csv")
