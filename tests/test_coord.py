@@ -244,7 +244,7 @@ def test_coord_figure_axes_and_save(tmp_path: Path):
     assert all(p.is_file() and p.stat().st_size > 1000 for p in paths)
 
 
-def test_main_writes_tables_figure_and_verdict(tmp_path: Path, capsys):
+def test_main_writes_tables_figure_and_verdict(tmp_path: Path, capsys, monkeypatch):
     cfg = tiny_config(params=["sp", "supar"], widths=[32, 64], densities=[1.0, 0.25],
                       seeds=[0], steps=2, tolerance=1e6)
     assert coord.main(cfg, tmp_path) is True
@@ -256,5 +256,9 @@ def test_main_writes_tables_figure_and_verdict(tmp_path: Path, capsys):
     assert set(sp["param"]) == {"sp", "supar"}
     for suffix in ("png", "pdf"):
         assert (tmp_path / "figures" / f"coord_check.{suffix}").is_file()
-    cfg.coord.tolerance = 1.0  # nothing is exactly flat: must fail
+    # Same measurement, judged strictly: nothing is exactly flat, so main must report failure.
+    monkeypatch.setattr(coord, "measure", lambda *a, **k: df)
+    monkeypatch.setattr(plot, "save", lambda fig, path: [])
+    cfg.coord.tolerance = 1.0
     assert coord.main(cfg, tmp_path / "strict") is False
+    assert "FAILED" in capsys.readouterr().out

@@ -5,7 +5,6 @@ Run: PYTHONPATH=src python -m pytest tests/test_data.py -q
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -128,26 +127,26 @@ def test_synthetic_deterministic_vocab_and_size() -> None:
 
 
 def test_synthetic_is_learnable_within_50_steps(synthetic: Corpus) -> None:
-    """A bigram table trained for 50 steps must beat a uniform guess by a wide margin."""
+    """A bigram table trained for 50 SGD steps must beat a uniform guess by a wide margin."""
+    # Plain SGD by hand: building a torch.optim optimizer first imports torch._dynamo (~2 s).
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: intra-op threads only add overhead (100x on 2 cores)
+    torch.set_num_threads(1)  # tiny ops: intra-op threads only add overhead here
     try:
         v = synthetic.vocab_size
         logits = torch.zeros(v, v, requires_grad=True)
-        opt = torch.optim.Adam([logits], lr=0.1)
         g = gen(0)
         for _ in range(50):
             x, y = synthetic.train_batch(16, 64, g)
             loss = F.cross_entropy(F.embedding(x, logits).view(-1, v), y.view(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            (grad,) = torch.autograd.grad(loss, logits)
+            with torch.no_grad():
+                logits -= 50.0 * grad
         with torch.no_grad():
             x, y = synthetic.val_batches(1, 64, 64, seed=0)[0]
             val = F.cross_entropy(F.embedding(x, logits).view(-1, v), y.view(-1)).item()
     finally:
         torch.set_num_threads(threads)
-    assert val < np.log(v) - 2.0, val  # ln 256 = 5.55
+    assert val < np.log(v) - 2.5, val  # ln 256 = 5.55; a bigram model can reach about 1.6
 
 
 # ---------------------------------------------------------------- pystdlib
@@ -216,14 +215,19 @@ def test_text_errors_name_data_path(tmp_path: Path) -> None:
     assert err.value.field == "data.path" and "folder" in str(err.value)
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads anything")
-def test_text_unreadable_file(tmp_path: Path) -> None:
+def test_text_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "secret.txt"
     path.write_bytes(b"hidden")
-    path.chmod(0)
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    # chmod 0 would not stop root (the CI user), so make the module's own `open` fail instead.
+    monkeypatch.setattr(data, "open", denied, raising=False)
     with pytest.raises(ConfigError) as err:
         load_corpus(DataConfig(name="text", path=str(path)))
     assert err.value.field == "data.path" and "secret.txt" in str(err.value)
+    assert "Permission denied" in str(err.value)
 
 
 # ---------------------------------------------------------------- memmap
@@ -284,6 +288,9 @@ def test_unknown_name_and_bad_val_fraction() -> None:
     with pytest.raises(ConfigError) as err:
         load_corpus(DataConfig(name="synthetic", val_fraction=1.0))
     assert err.value.field == "data.val_fraction"
+    with pytest.raises(ConfigError) as err:
+        load_corpus(DataConfig(name="text", path="x.txt", max_bytes=0))
+    assert err.value.field == "data.max_bytes"
 
 
 def test_fingerprint_tracks_content_and_split() -> None:
@@ -299,3 +306,14 @@ def test_fingerprint_tracks_content_and_split() -> None:
     changed[3] = 0
     assert base != fp(changed[:90], changed[90:])
     assert base != fp(tokens[:90].astype(np.uint16), tokens[90:].astype(np.uint16))
+
+
+def test_fingerprint_of_large_splits_is_sampled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "_FULL_HASH_BYTES", 1000)  # pretend 10 kB is large
+    tokens = np.random.default_rng(0).integers(0, 256, 10_000).astype(np.uint8)
+    base = data.content_hash(tokens[:9000], tokens[9000:])
+    assert base == data.content_hash(tokens[:9000].copy(), tokens[9000:].copy())
+    for i in (0, 8999):  # the first and last chunks are always hashed
+        changed = tokens.copy()
+        changed[i] ^= 1
+        assert data.content_hash(changed[:9000], changed[9000:]) != base

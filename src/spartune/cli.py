@@ -54,6 +54,18 @@ def _check_group_choices(argv: list[str], conf: Path) -> None:
             fail(key, f"unknown choice {value!r}; choose one of {', '.join(options)}")
 
 
+def _check_config_name(argv: list[str], root: Path) -> None:
+    """`-cn NAME` must name a file in conf/ or sweeps/: say which exist, in one line."""
+    stem = _config_name(argv)
+    if stem is None:
+        return
+    if not ((root / "conf" / f"{stem}.yaml").is_file()
+            or (root / "sweeps" / f"{stem}.yaml").is_file()):
+        have = sorted(p.stem for p in (root / "sweeps").glob("*.yaml"))
+        fail("--config-name", f"no sweep or config named {stem!r}; sweeps/ has "
+                              f"{', '.join(have)}")
+
+
 def _run_dir() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
@@ -76,6 +88,27 @@ def _forget(run_dir: Path) -> None:
                 break
 
 
+def _config_dirs(argv: list[str], default: str, root: Path) -> tuple[Path, list[str]]:
+    """Where Hydra looks: the primary config's own folder (sweeps/ for a sweep file, else
+    conf/), with the other folder on the search path. Hydra finds a primary config only in
+    config_path, while a sweep's `defaults: [config]` is found on the search path."""
+    name = _config_name(argv) or default
+    conf, sweeps = root / "conf", root / "sweeps"
+    primary, other = (sweeps, conf) if (sweeps / f"{name}.yaml").is_file() else (conf, sweeps)
+    if not any(a.startswith("hydra.searchpath=") for a in argv):
+        argv = [*argv, f"hydra.searchpath=[file://{other}]"]
+    return primary, argv
+
+
+def _config_name(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg in ("-cn", "--config-name") and i + 1 < len(argv):
+            return argv[i + 1].removesuffix(".yaml")
+        if arg.startswith("--config-name="):
+            return arg.split("=", 1)[1].removesuffix(".yaml")
+    return None
+
+
 def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable[[], None]:
     """Wrap `task(cfg, run_dir)` as a Hydra app whose errors are one clear line."""
     import hydra
@@ -83,11 +116,13 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
     from omegaconf.errors import OmegaConfBaseException
 
     def main() -> None:
-        conf = project_dir() / "conf"
-        _check_group_choices(sys.argv[1:], conf)
+        root = project_dir()
+        _check_group_choices(sys.argv[1:], root / "conf")
+        _check_config_name(sys.argv[1:], root)
+        primary, sys.argv[1:] = _config_dirs(sys.argv[1:], config_name, root)
         register_configs()
 
-        @hydra.main(version_base="1.3", config_path=str(conf), config_name=config_name)
+        @hydra.main(version_base="1.3", config_path=str(primary), config_name=config_name)
         def _main(dcfg: DictConfig) -> None:
             run_dir = _run_dir()
             try:
@@ -131,5 +166,72 @@ def _coord(cfg: Config, run_dir: Path) -> None:
         sys.exit(1)
 
 
+def _sweep(cfg: Config, run_dir: Path) -> None:
+    from spartune import collect, report, sweep
+
+    res = sweep.sweep(cfg)
+    trials, curves = collect.load_trials(sweep.open_storage(cfg), cfg.study.name)
+    out = sweep.study_dir(cfg)
+    paths = collect.write_tables(trials, curves, out)
+    figs = report.make_figures(trials, curves, out)
+    print(f"study {cfg.study.name}: {res['finished']}/{res['total']} trials finished "
+          f"({res['ran_here']} run now, {res['seconds']:.0f} s); best val loss "
+          f"{res['best']:.4f}; storage {res['storage']}")
+    for line in report.optimum_lines(trials, "lr") if "lr" in cfg.study.space else []:
+        print(line)
+    for line in report.optimum_lines(trials, "init_std") if "init_std" in cfg.study.space \
+            else []:
+        print(line)
+    for p in [*paths.values(), *figs]:
+        print(f"wrote {p}")
+    if res["finished"] < res["total"]:
+        print(f"spartune: {res['total'] - res['finished']} trials not finished; run the same "
+              "command again to resume", file=sys.stderr)
+
+
+def _transfer(cfg: Config, run_dir: Path) -> None:
+    from spartune import analysis, report, transfer
+
+    res = transfer.run(cfg)
+    figs = report.make_figures(res["trials"], res["curves"], res["dir"])
+    done = res["trials"][res["trials"]["role"] == "target"]
+    print("\nfinal val loss at the transferred HPs (mean over seeds):")
+    print(done.groupby(["density", "param"])["final_val_loss"].mean().unstack("param")
+          .sort_index(ascending=False).to_string(float_format=lambda v: f"{v:.4f}"))
+    if (res["trials"]["role"] == "check").any():
+        print(analysis.transfer_regret(res["trials"]).to_string(index=False))
+    for p in figs:
+        print(f"wrote {p}")
+
+
+def _plot(cfg: Config, run_dir: Path) -> None:
+    from spartune import collect, report, sweep
+
+    out = sweep.study_dir(cfg)
+    journal = out / sweep.JOURNAL
+    if cfg.study.storage or journal.exists():
+        storage = collect.storage_for(out, cfg.study.storage)
+        trials, curves = collect.load_trials(storage, cfg.study.name)
+        if not trials.empty:
+            collect.write_tables(trials, curves, out)
+    trials, curves = collect.read_tables(out)
+    figs = report.make_figures(trials, curves, out)
+    for line in report.optimum_lines(trials, "lr"):
+        print(line)
+    for p in figs:
+        print(f"wrote {p}")
+
+
+def _pipeline(cfg: Config, run_dir: Path) -> None:
+    from spartune import pipeline
+
+    res = pipeline.run(cfg)
+    print(f"pipeline finished in {res['seconds'] / 60:.1f} min")
+
+
 train_main = hydra_app("config", _train)
 coord_main = hydra_app("coord", _coord)
+sweep_main = hydra_app("proxy", _sweep)
+transfer_main = hydra_app("transfer", _transfer)
+plot_main = hydra_app("config", _plot)
+pipeline_main = hydra_app("run_pipeline", _pipeline)

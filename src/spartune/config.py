@@ -142,6 +142,61 @@ class CoordConfig:
 
 
 @dataclass
+class SearchDim:
+    """One searched hyperparameter. With `log` (the default) it is searched on a log2 scale and
+    stored in Optuna as `log2_<name>`; `low`/`high`/`values` are always in natural units."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = True
+    step: float | None = None  # grid spacing, in octaves when `log` (0.5 = half-octave grid)
+    values: list[float] | None = None  # explicit grid points (natural units)
+    field: str | None = None  # config field it sets; None: the name's entry in HP_FIELDS
+
+
+@dataclass
+class StudyConfig:
+    """A sweep: cells (param x width x density x seed), a search space, sampler, pruner, storage.
+
+    One Optuna study per cell (a pruner must not compare a width-64 trial with a width-1024
+    one), all cells in one storage: `results/<name>/optuna.journal` unless `storage` is a URL.
+    """
+
+    name: str = "study"
+    params: list[str] = field(default_factory=lambda: ["supar"])
+    widths: list[int] = field(default_factory=lambda: [64])
+    densities: list[float] = field(default_factory=lambda: [1.0])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    space: dict[str, SearchDim] = field(default_factory=dict)
+    sampler: str = "tpe"  # tpe | grid | random | gp | cmaes
+    sampler_seed: int = 0
+    n_trials: int = 20  # per cell; the grid sampler runs its whole grid instead
+    timeout: float | None = None  # seconds per worker process
+    pruner: str = "none"  # none | median | hyperband
+    pruner_startup_trials: int = 4  # median: trials that run to the end before pruning starts
+    storage: str | None = None  # any Optuna storage URL; None: the journal file
+    workers: int = 1  # local worker processes; more machines: run the same command there
+    role: str = "search"
+
+
+@dataclass
+class TransferConfig:
+    """Map the best proxy HPs through a parameterization onto large sparse targets."""
+
+    source: str = "proxy"  # name of the proxy study (its folder under results/)
+    source_storage: str | None = None  # its storage URL if not the journal file
+    select: str = "best"  # best: the best trial | best_mean: best mean over seeds of one config
+    hps: list[str] = field(default_factory=lambda: ["lr", "init_std", "alpha_input",
+                                                     "alpha_output"])
+    params: list[str] = field(default_factory=lambda: ["sp", "mup", "supar"])
+    widths: list[int] = field(default_factory=lambda: [256])
+    densities: list[float] = field(default_factory=lambda: [1.0, 0.25, 0.0625, 0.015625])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    check: bool = False  # also run a local LR grid around each transferred value
+    check_octaves: list[float] = field(default_factory=lambda: [-2.0, -1.0, 1.0, 2.0])
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     param: ParamConfig = field(default_factory=ParamConfig)
@@ -149,6 +204,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     coord: CoordConfig = field(default_factory=CoordConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     seed: int = 0
     name: str = "default"  # names the results folder
     results_dir: str = "results"
@@ -224,8 +281,17 @@ def validate(cfg: Config) -> None:
     _check(t.device in DEVICES, "train.device",
            f"unknown device {t.device!r}; choose one of {', '.join(DEVICES)}")
     _check(t.threads >= 0, "train.threads", "must be >= 0 (0 keeps torch's default)")
-    _check("/" not in cfg.name and ".." not in cfg.name and cfg.name.strip() != "", "name",
-           f"{cfg.name!r} must be a plain folder name (no '/' or '..')")
+    check_name(cfg.name, "name")
+
+
+def check_name(name: str, field: str) -> None:
+    """Names become folders under results/: relative, no '..', nothing that escapes."""
+    parts = name.split("/")
+    ok = (bool(name.strip()) and not name.startswith(("/", "~", "\\")) and "\\" not in name
+          and all(p not in ("", ".", "..") for p in parts)
+          and all(c.isalnum() or c in "-_.=+/" for c in name))
+    _check(ok, field, f"{name!r} must be a relative folder name (letters, digits, -_.=+ and /, "
+                      "no '..'): it names a folder under results/")
 
 
 def validate_coord(c: CoordConfig, m: ModelConfig) -> None:

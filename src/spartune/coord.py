@@ -280,8 +280,8 @@ def verdict(spreads_df: pd.DataFrame, tolerance: float,
 def main(cfg: Config, out_dir: Path) -> bool:
     """`spartune-coord`: measure, write coord.csv, coord_spreads.csv and the figure, judge.
 
-    Returns whether `coord.params`' SμPar passed (the CLI exits 1 otherwise). If `supar` is not
-    among `coord.params`, the first listed parameterization is the one judged.
+    Returns whether SμPar passed (the CLI exits 1 otherwise); SP and µP are measured alongside
+    as the contrast. If `supar` is not among `coord.params`, the first listed one is judged.
     """
     from spartune import plot
 

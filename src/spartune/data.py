@@ -171,6 +171,8 @@ def load_corpus(cfg: DataConfig, *, root: str | Path = ".") -> Corpus:
     """Build the corpus `cfg` names; a relative `path` or `cache_dir` resolves against `root`."""
     if not 0 < cfg.val_fraction < 1:
         raise ConfigError("data.val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.name in ("pystdlib", "text") and cfg.max_bytes < 1:
+        raise ConfigError("data.max_bytes", f"must be >= 1, got {cfg.max_bytes}")
     root = Path(root)
     match cfg.name:
         case "pystdlib":

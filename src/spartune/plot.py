@@ -7,6 +7,7 @@ API (never pyplot's global state), so plotting works headless and from a saved c
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
+from spartune.analysis import best_settings, loss_grid, optima
 from spartune.columns import HIDDEN_MODULES
 
 # Display names of the parameterizations (paper's spelling; ablations as in its App. C).
@@ -109,3 +112,270 @@ def save(fig: Figure, path_without_suffix: str | Path) -> list[Path]:
     fig.savefig(paths[0], dpi=150)
     fig.savefig(paths[1])
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# HP-transfer figures (paper Figs 1, 6, 7, 8) from trials.csv / curves.csv
+
+# Density -> colour is fixed, not fitted to the densities at hand, so one density has one colour
+# in every figure: viridis over log2(density), dense = dark, 2^-7 (the paper's sparsest) = light.
+DENSITY_OCTAVES = 7
+# One colour per parameterization where lines are parameterizations (Fig. 8, training curves).
+PARAM_COLOURS = {"sp": "#4c72b0", "mup": "#dd8452", "supar": "#2a9d55",
+                 "supar_init_only": "#8172b3", "supar_lr_only": "#937860"}
+HP_LABELS = {"lr": "log2 learning rate η_base", "init_std": "log2 init std σ_base",
+             "alpha_input": "log2 input multiplier α_input",
+             "alpha_output": "log2 output multiplier α_output"}
+HP_NAMES = {"lr": "learning rate", "init_std": "init std", "alpha_input": "α_input",
+            "alpha_output": "α_output"}
+LOSS_LABEL = "final validation loss (nats)"
+
+
+def density_colour(density: float) -> tuple[float, float, float, float]:
+    """The colour of a density in every figure (viridis on log2 density, dense = dark)."""
+    t = min(1.0, max(0.0, -math.log2(float(density)) / DENSITY_OCTAVES))
+    return colormaps["viridis"](0.92 * t)
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def density_text(density: float) -> str:
+    """A density as the paper writes it: 2⁻⁴ for powers of two, else the decimal."""
+    k = math.log2(float(density))
+    return f"2{str(round(k)).translate(_SUPERSCRIPT)}" if 0 > k == round(k) else f"{density:g}"
+
+
+def density_label(density: float) -> str:
+    """'1 (dense)', '2⁻² (75% sparse)': density is what the config takes, sparsity what
+    papers quote."""
+    if density >= 1:
+        return "1 (dense)"
+    return f"{density_text(density)} ({100 * (1 - density):.4g}% sparse)"
+
+
+def param_colour(name: str) -> str:
+    return PARAM_COLOURS.get(name, "#555555")
+
+
+def _ordered_params(values: pd.Series) -> list[str]:
+    """Parameterizations present, in the paper's order SP, µP, SμPar, then ablations."""
+    present = list(dict.fromkeys(values.dropna()))
+    rank = {p: i for i, p in enumerate(PARAM_TITLES)}
+    return sorted(present, key=lambda p: (rank.get(p, len(rank)), p))
+
+
+def _at_width(df: pd.DataFrame, width: int | None) -> tuple[pd.DataFrame, int]:
+    """Rows at `width` (default: the largest, where transfer is tested); error if absent."""
+    widths = sorted(int(w) for w in df["width"].dropna().unique())
+    if not widths:
+        raise ValueError("no rows with a width to plot: is the table empty?")
+    if width is None:
+        width = widths[-1]
+    if width not in widths:
+        raise ValueError(f"no rows at width {width}; widths present: {widths}")
+    return df[df["width"] == width], width
+
+
+def _n_seeds(df: pd.DataFrame) -> str:
+    n = df["seed"].nunique()
+    return f"{n} seed" + ("s" if n != 1 else "")
+
+
+def lr_stability(trials: pd.DataFrame, x: str = "lr", width: int | None = None) -> Figure:
+    """Validation loss vs log2(x), one panel per parameterization, one line per density.
+
+    The headline figure (paper Figs 1 and 6): under SP and µP the optimum (star; the triangle
+    on the x axis is the parabola-refined optimum) drifts as density falls, under SμPar the
+    lines' optima stack at one x. Lines are seed means with standard-error bars; a value that
+    diverged in any seed is left out, as in the paper. Panels share y, capped a margin above the
+    worst line's minimum so blown-up points do not flatten the basins.
+    """
+    col = f"log2_{x}"
+    sel, width = _at_width(trials, width)
+    grid = loss_grid(sel, x, by=["param", "density"])
+    grid = grid[~grid["diverged"].astype(bool)]
+    if grid.empty:
+        raise ValueError(f"no finished, non-diverged trials with {col} at width {width}")
+    opt = optima(sel, x, by=["param", "density"]).set_index(["param", "density"])
+    params = _ordered_params(grid["param"])
+    densities = sorted(grid["density"].unique(), reverse=True)
+
+    fig = Figure(figsize=(2.6 * len(params) + 0.4, 3.3), layout="constrained")
+    axes = fig.subplots(1, len(params), sharey=True, squeeze=False)[0]
+    minima, any_edge = [], False
+    for ax, param in zip(axes, params, strict=True):
+        for d in densities:
+            line = grid[(grid["param"] == param) & (grid["density"] == d)].sort_values(col)
+            if line.empty:
+                continue
+            c = density_colour(d)
+            ax.errorbar(line[col], line["mean"], yerr=line["sem"], color=c, marker="o",
+                        markersize=3.5, linewidth=1.6, capsize=2, elinewidth=1,
+                        label=density_label(d))
+            o = opt.loc[(param, d)]
+            minima.append(o["opt_loss"])
+            edge = bool(o["at_edge"])
+            ax.plot(o[f"opt_log2_{x}"], o["opt_loss"], marker="*", markersize=11, color=c,
+                    markerfacecolor="white" if edge else c, markeredgecolor="black",
+                    markeredgewidth=0.6, zorder=5, linestyle="none")
+            any_edge |= edge
+            ax.plot(o[f"fit_log2_{x}"], 0.0, marker="^", markersize=7, color=c,
+                    markeredgecolor="black", markeredgewidth=0.5, clip_on=False, zorder=6,
+                    transform=ax.get_xaxis_transform(), linestyle="none")
+        ax.set_title(param_title(param), fontsize=11)
+        ax.set_xlabel(HP_LABELS.get(x, f"log2 {x}"), fontsize=9.5)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        ax.grid(True, alpha=0.3, linewidth=0.6)
+        ax.tick_params(labelsize=8.5)
+    lo, hi = min(minima), max(minima)
+    top = hi + max(0.8 * (hi - lo), 0.04 * abs(hi), 0.05)
+    bottom = lo - 0.06 * (top - lo)
+    axes[0].set_ylim(bottom, top)
+    axes[0].set_ylabel(LOSS_LABEL, fontsize=9.5)
+
+    handles = [Line2D([], [], color=density_colour(d), marker="o", markersize=3.5, linewidth=1.6)
+               for d in densities]
+    labels = [density_label(d) for d in densities]
+    handles += [Line2D([], [], color="0.6", marker="*", markersize=10, markeredgecolor="black",
+                       markeredgewidth=0.6, linestyle="none"),
+                Line2D([], [], color="0.6", marker="^", markersize=6, markeredgecolor="black",
+                       markeredgewidth=0.5, linestyle="none")]
+    labels += ["best grid point", "fitted optimum"]
+    if any_edge:
+        handles.append(Line2D([], [], color="0.6", marker="*", markersize=10,
+                              markerfacecolor="white", markeredgecolor="black",
+                              markeredgewidth=0.6, linestyle="none"))
+        labels.append("best at grid edge")
+    fig.legend(handles, labels, title="density ρ", loc="outside right center", fontsize=8.5,
+               title_fontsize=9, frameon=False)
+    fig.suptitle(f"Validation loss vs {HP_NAMES.get(x, x)}: width {width}, "
+                 f"mean ± s.e. over {_n_seeds(sel)}", fontsize=11)
+    return fig
+
+
+def sigma_stability(trials: pd.DataFrame, width: int | None = None) -> Figure:
+    """lr_stability for the init std σ_base (paper Fig. 7)."""
+    return lr_stability(trials, x="init_std", width=width)
+
+
+def loss_vs_density(trials: pd.DataFrame, width: int | None = None) -> Figure:
+    """Final validation loss vs density, one colour per parameterization (paper Fig. 8).
+
+    Solid: at the transferred HPs (role "target"), i.e. what tuning once on the dense proxy
+    buys. Dashed: each parameterization's own best at that density (best setting over its
+    search and check trials, target included): what re-tuning at every density would buy.
+    SμPar's promise is that its solid line sits on the dashed ones. Seed means with
+    standard-error bars; a target that diverged in any seed is left out.
+    """
+    if width is None and (trials["role"] == "target").any():
+        width = int(trials.loc[trials["role"] == "target", "width"].max())
+    sel, width = _at_width(trials, width)
+    targets = best_settings(sel[sel["role"] == "target"], by=["param", "density"])
+    best = best_settings(sel, by=["param", "density"])
+    if targets.empty and best.empty:
+        raise ValueError(f"no finished, non-diverged trials at width {width}")
+    fig = Figure(figsize=(5.4, 3.6), layout="constrained")
+    ax = fig.subplots()
+    params = _ordered_params(pd.concat([targets["param"], best["param"]]))
+    for param in params:
+        c = param_colour(param)
+        for frame, style, marker in ((targets, "-", "o"), (best, "--", "s")):
+            line = frame[frame["param"] == param].sort_values("density")
+            if line.empty:
+                continue
+            ax.errorbar(line["density"], line["mean"], yerr=line["sem"], color=c,
+                        linestyle=style, marker=marker, markersize=4, linewidth=1.6,
+                        capsize=2, elinewidth=1)
+    densities = sorted(best["density"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(densities, [density_text(d) for d in densities])
+    ax.minorticks_off()
+    ax.set_xlabel("density ρ (log scale, dense at the right)", fontsize=9.5)
+    ax.set_ylabel(LOSS_LABEL, fontsize=9.5)
+    ax.tick_params(labelsize=8.5)
+    ax.grid(True, alpha=0.3, linewidth=0.6)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(densities, [f"{100 * (1 - d):.4g}%" for d in densities])
+    top.minorticks_off()
+    top.tick_params(labelsize=8)
+    top.set_xlabel("sparsity", fontsize=9)
+
+    handles = [Line2D([], [], color=param_colour(p), linewidth=2) for p in params]
+    labels = [param_title(p) for p in params]
+    if not targets.empty:
+        handles += [Line2D([], [], color="0.3", linestyle="-", marker="o", markersize=4),
+                    Line2D([], [], color="0.3", linestyle="--", marker="s", markersize=4)]
+        labels += ["transferred HPs", "own best per density"]
+    else:
+        handles.append(Line2D([], [], color="0.3", linestyle="--", marker="s", markersize=4))
+        labels.append("best per density")
+    ax.legend(handles, labels, fontsize=8.5, frameon=False)
+    what = "transferred vs own-best HPs" if not targets.empty else "best HPs per density"
+    ax.set_title(f"Loss vs density, {what} (width {width}, {_n_seeds(sel)})", fontsize=10)
+    return fig
+
+
+def training_curves(curves: pd.DataFrame, role: str = "target",
+                    width: int | None = None) -> Figure:
+    """Validation loss vs step, one panel per density, one line per parameterization.
+
+    Shows how the final losses of the other figures were reached (an early blow-up, a slow
+    start). Seed means. Where a parameterization has several HP settings with this role (a
+    grid), the line is the setting with the lowest final validation loss.
+    """
+    sel = curves[(curves["role"] == role) & curves["val_loss"].notna()]
+    if sel.empty:
+        raise ValueError(f"no curves with a validation loss for role {role!r}")
+    sel, width = _at_width(sel, width)
+    densities = sorted(sel["density"].unique(), reverse=True)
+    ncols = min(4, len(densities))
+    nrows = math.ceil(len(densities) / ncols)
+    fig = Figure(figsize=(2.6 * ncols + 1.2, 2.5 * nrows + 0.4), layout="constrained")
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    for ax in axes[len(densities):]:
+        fig.delaxes(ax)
+    params = _ordered_params(sel["param"])
+    finals = []
+    for ax, d in zip(axes, densities, strict=False):
+        for param in params:
+            cur = _best_curve(sel[(sel["density"] == d) & (sel["param"] == param)])
+            if cur is None:
+                continue
+            ax.plot(cur.index, cur.to_numpy(), color=param_colour(param), linewidth=1.6,
+                    label=param_title(param))
+            finals.append(cur.to_numpy()[len(cur) // 4:])
+        ax.set_title(density_label(d), fontsize=10)
+        ax.set_xlabel("step", fontsize=9.5)
+        ax.grid(True, alpha=0.3, linewidth=0.6)
+        ax.tick_params(labelsize=8.5)
+    for ax in axes[::ncols]:
+        ax.set_ylabel("validation loss (nats)", fontsize=9.5)
+    if finals:  # the first evaluations (loss ~ ln vocab) would flatten the rest
+        vals = np.concatenate(finals)
+        lo, hi = np.nanmin(vals), np.nanmax(vals)
+        axes[0].set_ylim(lo - 0.05 * (hi - lo), hi + 0.15 * (hi - lo) + 1e-3)
+    handles = [Line2D([], [], color=param_colour(p), linewidth=2) for p in params]
+    fig.legend(handles, [param_title(p) for p in params], loc="outside right center",
+               fontsize=8.5, frameon=False)
+    fig.suptitle(f"Validation loss during training ({role} runs, width {width}, "
+                 f"mean over {_n_seeds(sel)})", fontsize=11)
+    return fig
+
+
+def _best_curve(df: pd.DataFrame) -> pd.Series | None:
+    """Seed-mean val loss by step of the HP setting ending lowest; None if no rows."""
+    if df.empty:
+        return None
+    keys = ["lr", "init_std"]
+    by_setting = df.assign(**{k: df[k].fillna(-1.0) for k in keys}).groupby(keys)
+    best, best_final = None, math.inf
+    for _, g in by_setting:
+        mean = g.groupby("step")["val_loss"].mean().sort_index()
+        if mean.empty:
+            continue
+        final = float(mean.iloc[-1])
+        final = final if math.isfinite(final) else math.inf
+        if best is None or final < best_final:
+            best, best_final = mean, final
+    return best

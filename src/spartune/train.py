@@ -195,9 +195,11 @@ def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = 
         "init_std": cfg.model.init_std,
         "alpha_input": cfg.param.alpha_input,
         "alpha_output": cfg.param.alpha_output,
+        "loss_ceiling": ceiling,
     }
     if out_dir is not None:
         write_outputs(Path(out_dir), metrics, curve)
+    metrics["curve"] = curve
     return metrics
 
 

@@ -1,0 +1,140 @@
+"""Figures and a markdown report from the tidy tables: what `spartune-plot` and the pipeline show.
+
+Reads only `trials.csv` / `curves.csv` frames (never torch or Optuna), decides which figures the
+data support, and writes them under `<dir>/figures/` as PNG and PDF.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from spartune import analysis, plot
+
+
+def _varied(trials: pd.DataFrame, x: str, role: str) -> bool:
+    t = trials[trials["role"] == role]
+    if t.empty:
+        return False
+    per_group = t.groupby(["param", "width", "density"])[f"log2_{x}"].nunique()
+    return bool((per_group >= 3).any())
+
+
+def make_figures(trials: pd.DataFrame, curves: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Every figure the tables support; returns the PNG paths written."""
+    figs = out_dir / "figures"
+    written: list[Path] = []
+
+    def emit(fig, name: str) -> None:
+        written.extend(p for p in plot.save(fig, figs / name) if p.suffix == ".png")
+
+    if _varied(trials, "lr", "search"):
+        emit(plot.lr_stability(trials[trials["role"] == "search"]), "lr_stability")
+    if _varied(trials, "init_std", "search"):
+        emit(plot.sigma_stability(trials[trials["role"] == "search"]), "sigma_stability")
+    targets = trials[trials["role"].isin(["target", "check"])]
+    if not targets.empty:
+        emit(plot.loss_vs_density(targets), "loss_vs_density")
+        if _varied(targets.assign(role="search"), "lr", "search"):
+            emit(plot.lr_stability(targets), "target_lr_check")
+    if not curves.empty and (curves["role"] == "target").any():
+        emit(plot.training_curves(curves, role="target"), "training_curves")
+    return written
+
+
+def optimum_lines(trials: pd.DataFrame, x: str = "lr", role: str = "search") -> list[str]:
+    """One line per parameterization: its optimum at each density and the spread in octaves."""
+    t = trials[trials["role"] == role]
+    if t.empty:
+        return []
+    opt = analysis.optima(t, x)
+    lines = []
+    for (param, width), g in opt.groupby(["param", "width"], sort=False):
+        g = g.sort_values("density", ascending=False)
+        cells = ", ".join(f"d={d:g}: {v:+.2f}{'*' if e else ''}" for d, v, e in
+                          zip(g["density"], g[f"fit_log2_{x}"], g["at_edge"], strict=True))
+        spread = g[f"fit_log2_{x}"].max() - g[f"fit_log2_{x}"].min()
+        lines.append(f"{param:>6} w={width}: optimum log2 {x} {cells} | spread {spread:.2f} "
+                     "octaves")
+    return lines
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            if isinstance(v, float):
+                cells.append("-" if math.isnan(v) else f"{v:.4g}")
+            else:
+                cells.append(str(v))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def pipeline_report(*, out_dir: Path, chosen: dict, plan: pd.DataFrame, proxy: pd.DataFrame,
+                    targets: pd.DataFrame, figures: list[Path], seconds: float,
+                    command: str) -> Path:
+    """results/<name>/report.md: tuned HPs, per-target table, figures, verdict."""
+    hps = [h for h in ("lr", "init_std", "alpha_input", "alpha_output") if h in chosen]
+    done = targets[(targets["state"] == "COMPLETE")]
+    at_transfer = done[done["role"] == "target"]
+    loss = (at_transfer.groupby(["param", "density"])["final_val_loss"].mean()
+            .unstack("param").sort_index(ascending=False))
+    div = at_transfer.groupby(["param", "density"])["diverged"].any().unstack("param")
+    lines = [
+        f"# spartune pipeline report: `{out_dir.name}`",
+        "",
+        f"Command: `{command}`  ",
+        f"Wall time: {seconds / 60:.1f} min on this machine.",
+        "",
+        "## 1. Proxy (dense, tuned with Optuna)",
+        "",
+        f"{len(proxy)} trials ({(proxy['state'] == 'COMPLETE').sum()} complete, "
+        f"{(proxy['state'] == 'PRUNED').sum()} pruned). Best: `{chosen['proxy_trial']}` at "
+        f"width {chosen['proxy_width']}, val loss {chosen['proxy_loss']:.4f}.",
+        "",
+        "| HP | value | log2 |",
+        "|---|---|---|",
+        *[f"| {h} | {chosen[h]:.4g} | {math.log2(chosen[h]):+.2f} |" for h in hps],
+        "",
+        "## 2. Targets: the values each parameterization actually uses",
+        "",
+        _md_table(plan[plan["layer"].str.startswith("hidden (qkv")]
+                  [["param", "width", "density", "m_d", "m_rho", "init_std", "adam_lr"]]),
+        "",
+        "## 3. Final validation loss at the transferred HPs",
+        "",
+    ]
+    if not loss.empty:
+        shown = loss.copy()
+        for c in shown.columns:
+            shown[c] = [("diverged" if bool(div.loc[d, c]) else f"{v:.4f}")
+                        for d, v in zip(shown.index, shown[c], strict=True)]
+        shown.index = [f"{d:g}" for d in shown.index]
+        lines += [_md_table(shown.reset_index(names="density")), ""]
+    regret = analysis.transfer_regret(targets) if (targets["role"] == "check").any() else None
+    lines += ["## 4. Verdict", ""]
+    if regret is not None and not regret.empty:
+        lines += ["Distance of each target's own best LR (local grid) from the transferred one:",
+                  "", _md_table(regret), ""]
+        kept = []
+        for param, g in regret.groupby("param"):
+            worst = g["distance_octaves"].abs().max()
+            kept.append(f"- **{param}**: own optimum at most {worst:.1f} octave(s) from the "
+                        f"transferred LR across densities "
+                        f"({'kept its optimum' if worst <= 1 else 'optimum moved'}).")
+        lines += kept + [""]
+    if not loss.empty:
+        best_param = loss.idxmin(axis=1)
+        lines += ["Best parameterization at each density (transferred HPs): " + ", ".join(
+            f"{d:g}: {p}" for d, p in best_param.items()) + ".", ""]
+    lines += ["## 5. Figures", ""]
+    lines += [f"![{p.stem}](figures/{p.name})" for p in figures]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

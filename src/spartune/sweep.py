@@ -1,0 +1,509 @@
+"""Optuna studies over training runs: one study per cell, every run a trial, resumable.
+
+A sweep (a YAML file in `sweeps/`) declares cells (param x width x density x seed), a search
+space over config fields (log2 scale by default), a sampler, a pruner and a storage. Each
+worker process walks the cells in order and, per cell, asks Optuna for trials until the cell's
+budget is spent: the grid's size for `grid`, `n_trials` otherwise. Budgets are counted in the
+storage, so re-running the command resumes (finished trials are kept, exhausted cells skipped)
+and a second process or machine running the same command joins the same studies.
+
+Optuna is called directly (DESIGN.md: the Hydra Optuna sweeper pins optuna<3 and cannot
+prune). `train.run` knows nothing of Optuna: the objective hands it a `report` callback that
+becomes `trial.report` + pruning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import logging
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from spartune.columns import HP_FIELDS
+from spartune.config import (
+    PARAMETERIZATIONS,
+    Config,
+    ConfigError,
+    SearchDim,
+    StudyConfig,
+    check_name,
+    validate,
+)
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "grid", "random", "gp", "cmaes")
+PRUNERS = ("none", "median", "hyperband")
+JOURNAL = "optuna.journal"
+_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+@dataclass(frozen=True)
+class Cell:
+    param: str
+    width: int
+    density: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.param}/w{self.width}/d{self.density:g}/s{self.seed}"
+
+
+def cells(study: StudyConfig) -> list[Cell]:
+    return [Cell(p, w, d, s) for p in study.params for w in study.widths
+            for d in study.densities for s in study.seeds]
+
+
+def study_dir(cfg: Config) -> Path:
+    return Path(cfg.results_dir) / cfg.study.name
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+def _dim_field(name: str, dim: SearchDim) -> str:
+    return dim.field or HP_FIELDS.get(name, "")
+
+
+def grid_values(name: str, dim: SearchDim) -> list[float]:
+    """Grid points of one dimension, in the units Optuna sees (log2 when `dim.log`)."""
+    if dim.values:
+        vals = [float(v) for v in dim.values]
+        return [math.log2(v) for v in vals] if dim.log else vals
+    lo, hi = _bounds(name, dim)
+    if dim.step is None:
+        raise ConfigError(f"study.space.{name}.step",
+                          "a grid needs `values` or `step` (in octaves when log)")
+    n = int(round((hi - lo) / dim.step))
+    return [lo + i * dim.step for i in range(n + 1)]
+
+
+def _bounds(name: str, dim: SearchDim) -> tuple[float, float]:
+    """(low, high) in Optuna's units (log2 when `dim.log`)."""
+    if dim.values:
+        pts = grid_values(name, dim)
+        return min(pts), max(pts)
+    lo, hi = dim.low, dim.high
+    if lo is None or hi is None:
+        raise ConfigError(f"study.space.{name}", "needs low and high (or values)")
+    if dim.log:
+        return math.log2(lo), math.log2(hi)
+    return float(lo), float(hi)
+
+
+def validate_study(cfg: Config) -> None:
+    """Check the study's fields before any storage is opened or written."""
+    s = cfg.study
+    check_name(s.name, "study.name")
+    for p in s.params:
+        if p not in PARAMETERIZATIONS:
+            raise ConfigError("study.params", f"unknown parameterization {p!r}; choose among "
+                              f"{', '.join(PARAMETERIZATIONS)}")
+    for attr in ("params", "widths", "densities", "seeds"):
+        if not getattr(s, attr):
+            raise ConfigError(f"study.{attr}", "must list at least one value")
+    for d in s.densities:
+        if not 0 < d <= 1:
+            raise ConfigError("study.densities", f"density {d} is outside (0, 1] "
+                              "(density is 1 - sparsity)")
+    for w in s.widths:
+        if w <= 0 or w % cfg.model.head_size:
+            raise ConfigError("study.widths", f"width {w} is not a positive multiple of "
+                              f"model.head_size={cfg.model.head_size}")
+    if s.sampler not in SAMPLERS:
+        raise ConfigError("study.sampler", f"unknown sampler {s.sampler!r}; choose one of "
+                          f"{', '.join(SAMPLERS)}")
+    if s.pruner not in PRUNERS:
+        raise ConfigError("study.pruner", f"unknown pruner {s.pruner!r}; choose one of "
+                          f"{', '.join(PRUNERS)}")
+    if s.n_trials <= 0:
+        raise ConfigError("study.n_trials", f"must be > 0, got {s.n_trials}")
+    if s.workers <= 0:
+        raise ConfigError("study.workers", f"must be >= 1, got {s.workers}")
+    if s.timeout is not None and s.timeout <= 0:
+        raise ConfigError("study.timeout", "must be > 0 seconds (or null for none)")
+    if not s.space:
+        raise ConfigError("study.space", "is empty: search at least one field, "
+                          "e.g. study.space.lr={low:1e-4,high:1e-1}")
+    for name, dim in s.space.items():
+        f = f"study.space.{name}"
+        target = _dim_field(name, dim)
+        if not target:
+            raise ConfigError(f"{f}.field", f"{name!r} is not one of {', '.join(HP_FIELDS)}; "
+                              "say which config field it sets, e.g. field: optim.beta2")
+        _get_field(cfg, target, f"{f}.field")
+        pts = [v for v in (dim.values or []) if v is not None]
+        bounds = pts or [b for b in (dim.low, dim.high) if b is not None]
+        if dim.log and any(v <= 0 for v in bounds):
+            raise ConfigError(f, "log-scale bounds must be > 0; use log: false for a linear "
+                              "range that includes 0")
+        lo, hi = _bounds(name, dim)
+        if lo > hi:
+            raise ConfigError(f, f"low ({dim.low}) is above high ({dim.high}); swap them")
+        if dim.step is not None and dim.step <= 0:
+            raise ConfigError(f"{f}.step", "must be > 0")
+        if s.sampler == "grid":
+            grid_values(name, dim)
+    validate(cfg)
+
+
+def _get_field(cfg: Config, path: str, field: str) -> Any:
+    obj: Any = cfg
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(field, f"no config field {path!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_field(cfg: Config, path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    obj: Any = cfg
+    for part in parents:
+        obj = getattr(obj, part)
+    current = getattr(obj, last)
+    setattr(obj, last, type(current)(value) if isinstance(current, int | float) else value)
+
+
+def cell_config(cfg: Config, cell: Cell, values: dict[str, float]) -> Config:
+    """The run config of one trial: the base config, the cell's axes, the trial's HPs."""
+    out = copy.deepcopy(cfg)
+    out.param.name, out.model.width = cell.param, cell.width
+    out.model.density, out.seed = cell.density, cell.seed
+    for name, value in values.items():
+        _set_field(out, _dim_field(name, cfg.study.space[name]), value)
+    out.train.progress = False
+    return out
+
+
+# -- storage, sampler, pruner -------------------------------------------------------------------
+
+
+def storage_url(cfg: Config) -> str:
+    """The storage as a user would pass it: a URL, or the journal file's path."""
+    return cfg.study.storage or str(study_dir(cfg) / JOURNAL)
+
+
+def open_storage(cfg: Config, *, create: bool = True) -> optuna.storages.BaseStorage | str:
+    """The journal file in results/<study>/ (created), or the URL the user gave."""
+    url = cfg.study.storage
+    if url:
+        if "://" not in url:
+            raise ConfigError("study.storage", f"{url!r} is not a storage URL; use e.g. "
+                              "postgresql://user@host/db or sqlite:///path.db, or leave it null")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        except Exception as e:  # any driver or connection error: one line, the URL named
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if "DB access module" in msg:
+                msg += " (for PostgreSQL: pip install 'spartune[postgres]')"
+            raise ConfigError("study.storage", f"cannot open {url!r}: {msg}") from None
+    path = study_dir(cfg) / JOURNAL
+    if not create and not path.exists():
+        raise ConfigError("study.name", f"no study at {path}: run the sweep first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    except Exception as e:
+        raise ConfigError("study.storage", f"cannot read {path}: {str(e).splitlines()[0][:200]}"
+                          "; move the file away to start afresh") from None
+
+
+class _Grid(optuna.samplers.GridSampler):
+    """GridSampler for ask/tell: the budget is counted by `run_worker`, so the sampler must not
+    call `study.stop()` (which only works inside `study.optimize`) when the grid is done."""
+
+    def after_trial(self, study: optuna.Study, trial: Any, state: TrialState,
+                    values: Any) -> None:
+        return None
+
+
+def make_sampler(cfg: Config, worker: int) -> optuna.samplers.BaseSampler:
+    s = cfg.study
+    seed = s.sampler_seed + 7919 * worker  # workers must not propose the same points
+    match s.sampler:
+        case "grid":
+            grid = {_param_name(n, d): grid_values(n, d) for n, d in s.space.items()}
+            return _Grid(grid, seed=seed)
+        case "tpe":
+            startup = min(10, max(3, s.n_trials // 4))
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup,
+                                              multivariate=True)
+        case "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        case "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed)
+        case "gp":
+            try:
+                return optuna.samplers.GPSampler(seed=seed)
+            except ImportError as e:
+                raise ConfigError("study.sampler", f"gp needs an extra package ({e.name}); "
+                                  "pip install scipy, or use tpe") from None
+    raise ConfigError("study.sampler", f"unknown sampler {s.sampler!r}")
+
+
+def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    s, t = cfg.study, cfg.train
+    match s.pruner:
+        case "none":
+            return optuna.pruners.NopPruner()
+        case "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
+                                               n_warmup_steps=t.eval_every)
+        case "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=t.eval_every,
+                                                  max_resource=t.steps, reduction_factor=3)
+    raise ConfigError("study.pruner", f"unknown pruner {s.pruner!r}")
+
+
+def _param_name(name: str, dim: SearchDim) -> str:
+    return f"log2_{name}" if dim.log else name
+
+
+def budget(cfg: Config) -> int:
+    """Trials per cell: the grid's size, or n_trials."""
+    if cfg.study.sampler == "grid":
+        return math.prod(len(grid_values(n, d)) for n, d in cfg.study.space.items())
+    return cfg.study.n_trials
+
+
+# -- one trial ----------------------------------------------------------------------------------
+
+
+def _suggest(trial: optuna.Trial, cfg: Config) -> dict[str, float]:
+    values = {}
+    for name, dim in cfg.study.space.items():
+        lo, hi = _bounds(name, dim)
+        step = dim.step if cfg.study.sampler != "grid" else None
+        if step is not None and (hi - lo) / step != int((hi - lo) / step):
+            step = None  # Optuna needs (high - low) to be a multiple of step
+        x = trial.suggest_float(_param_name(name, dim), lo, hi, step=step)
+        values[name] = 2.0**x if dim.log else x
+        if dim.values:  # a listed value is used exactly, not as 2**log2(value)
+            values[name] = min(dim.values, key=lambda v: abs(v - values[name]))
+    return values
+
+
+def _clean(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell) -> float | None:
+    """Run one training run as `trial`, record everything in its user attrs, and tell Optuna."""
+    from spartune import train
+
+    values = _suggest(trial, cfg)
+    run_cfg = cell_config(cfg, cell, values)
+    role = cfg.study.role
+    if role == "target" and not math.isclose(values.get("lr", cfg.optim.lr), cfg.optim.lr,
+                                             rel_tol=1e-9):
+        role = "check"  # a point of the local LR grid around the transferred value
+    attrs = {
+        "role": role, "param": cell.param, "width": cell.width, "density": cell.density,
+        "seed": cell.seed, "base_width": run_cfg.model.base_width, "depth": run_cfg.model.depth,
+        "lr": run_cfg.optim.lr, "init_std": run_cfg.model.init_std,
+        "alpha_input": run_cfg.param.alpha_input, "alpha_output": run_cfg.param.alpha_output,
+    }
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+
+    def report(step: int, loss: float) -> None:
+        trial.report(loss, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    try:
+        m = train.run(run_cfg, report)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        return None
+    except ConfigError:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    except BaseException as e:  # Ctrl-C, or a bug: never leave the trial RUNNING
+        trial.set_user_attr("error", f"{type(e).__name__}: {str(e)[:300]}")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    for k in ("final_train_loss", "final_val_loss", "best_val_loss", "diverged", "steps",
+              "tokens_per_second", "n_params", "n_nonzero_params", "train_seconds"):
+        trial.set_user_attr(k, _clean(m[k]))
+    trial.set_user_attr("curve", [[r["step"], _clean(r["train_loss"]), _clean(r["val_loss"]),
+                                   r["lr"]] for r in m["curve"]])
+    if m["diverged"]:
+        # A finite penalty, not NaN (which Optuna would record as FAIL): TPE learns to avoid
+        # the region, and `diverged` in the user attrs keeps it out of every plot.
+        value = m["loss_ceiling"]
+    else:
+        value = m["final_val_loss"]
+    study.tell(trial, value)
+    return value
+
+
+# -- a worker -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _ask_lock(cfg: Config) -> Iterator[None]:
+    """Serialize budget-check + ask between local processes sharing a journal file.
+
+    Makes local grids exact (trial number n is grid point n). Across machines (RDB storage) a
+    race can create a trial past the grid's end; it is marked FAIL with `surplus` at once.
+    """
+    if cfg.study.storage:
+        yield
+        return
+    path = study_dir(cfg) / ".ask.lock"
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _load_cell_study(cfg: Config, storage: Any, cell: Cell, worker: int) -> optuna.Study:
+    name = f"{cfg.study.name}/{cell.key}"
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
+                                sampler=make_sampler(cfg, worker), pruner=make_pruner(cfg),
+                                load_if_exists=True)
+    if not study.user_attrs:
+        for k, v in {"study": cfg.study.name, "cell": cell.key, "param": cell.param,
+                     "width": cell.width, "density": cell.density, "seed": cell.seed}.items():
+            study.set_user_attr(k, v)
+    return study
+
+
+def _counted(study: optuna.Study, grid: bool) -> int:
+    trials = study.get_trials(deepcopy=False)
+    if grid:
+        return len([t for t in trials if not t.user_attrs.get("surplus")])
+    return len([t for t in trials if t.state in _COUNTED])
+
+
+def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
+    """Run trials cell by cell until every cell's budget is spent; return trials run here."""
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // cfg.study.workers)
+    import torch
+
+    torch.set_num_threads(threads)
+    storage = open_storage(cfg)
+    total, grid, start = budget(cfg), cfg.study.sampler == "grid", time.monotonic()
+    ran = 0
+    for cell in cells(cfg.study):
+        study = _load_cell_study(cfg, storage, cell, worker)
+        while True:
+            if cfg.study.timeout and time.monotonic() - start > cfg.study.timeout:
+                return ran
+            with _ask_lock(cfg):
+                if _counted(study, grid) >= total:
+                    break
+                trial = study.ask()
+            if grid and trial.number >= total:
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=TrialState.FAIL)
+                break
+            run_trial(study, trial, cfg, cell)
+            ran += 1
+            if progress is not None:
+                progress(study)
+    return ran
+
+
+def _worker_entry(cfg: Config, worker: int) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        run_worker(cfg, worker)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def count_done(cfg: Config, storage: Any) -> tuple[int, float]:
+    """(finished trials, best value) over all cells of the study."""
+    done, best = 0, math.inf
+    prefix = f"{cfg.study.name}/"
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if not summary.study_name.startswith(prefix):
+            continue
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                          TrialState.PRUNED, TrialState.FAIL)):
+            if t.user_attrs.get("surplus"):
+                continue
+            done += 1
+            if t.state == TrialState.COMPLETE and not t.user_attrs.get("diverged"):
+                best = min(best, t.value if t.value is not None else math.inf)
+    return done, best
+
+
+def sweep(cfg: Config) -> dict[str, Any]:
+    """Run the study with `study.workers` local processes (this one included)."""
+    validate_study(cfg)
+    storage = open_storage(cfg)
+    n_total = budget(cfg) * len(cells(cfg.study))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    done0, _ = count_done(cfg, storage)
+    log.info("study %s: %d cells x %d trials = %d; %d already finished; storage %s",
+             cfg.study.name, len(cells(cfg.study)), budget(cfg), n_total, done0,
+             storage_url(cfg))
+    procs = []
+    ctx = mp.get_context("spawn")
+    for w in range(1, cfg.study.workers):
+        p = ctx.Process(target=_worker_entry, args=(cfg, w), daemon=False)
+        p.start()
+        procs.append(p)
+    bar = _bar(n_total, done0, cfg)
+
+    def progress(_: optuna.Study) -> None:
+        if bar is not None:
+            done, best = count_done(cfg, storage)
+            bar.n = min(done, n_total)
+            bar.set_postfix(best=f"{best:.4f}" if math.isfinite(best) else "-", refresh=False)
+            bar.refresh()
+
+    t0 = time.monotonic()
+    try:
+        ran = run_worker(cfg, 0, progress)
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
+    done, best = count_done(cfg, storage)
+    return {"total": n_total, "finished": done, "ran_here": ran, "best": best,
+            "seconds": time.monotonic() - t0, "worker_failures": len(failed),
+            "storage": storage_url(cfg)}
+
+
+def _bar(total: int, initial: int, cfg: Config) -> Any:
+    if not (cfg.train.progress and sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="trial", desc=cfg.study.name,
+                dynamic_ncols=True)
