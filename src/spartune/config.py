@@ -294,6 +294,21 @@ def check_name(name: str, field: str) -> None:
                       "no '..'): it names a folder under results/")
 
 
+def check_axes(obj: Any, prefix: str, head_size: int) -> None:
+    """The cell axes a study or a transfer declares: params, widths, densities, seeds."""
+    for attr in ("params", "widths", "densities", "seeds"):
+        _check(bool(getattr(obj, attr)), f"{prefix}.{attr}", "must list at least one value")
+    for p in obj.params:
+        _check(p in PARAMETERIZATIONS, f"{prefix}.params", f"unknown parameterization {p!r}; "
+               f"choose among {', '.join(PARAMETERIZATIONS)}")
+    for d in obj.densities:
+        _check(0 < d <= 1, f"{prefix}.densities", f"density {d} is outside (0, 1] (density is "
+               "1 - sparsity; 0 would be an empty layer)")
+    for w in obj.widths:
+        _check(w > 0 and w % head_size == 0, f"{prefix}.widths",
+               f"width {w} is not a positive multiple of model.head_size={head_size}")
+
+
 def validate_coord(c: CoordConfig, m: ModelConfig) -> None:
     for p in c.params:
         _check(p in PARAMETERIZATIONS, "coord.params",

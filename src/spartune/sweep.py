@@ -34,11 +34,11 @@ from optuna.trial import TrialState
 
 from spartune.columns import HP_FIELDS
 from spartune.config import (
-    PARAMETERIZATIONS,
     Config,
     ConfigError,
     SearchDim,
     StudyConfig,
+    check_axes,
     check_name,
     validate,
 )
@@ -109,21 +109,7 @@ def validate_study(cfg: Config) -> None:
     """Check the study's fields before any storage is opened or written."""
     s = cfg.study
     check_name(s.name, "study.name")
-    for p in s.params:
-        if p not in PARAMETERIZATIONS:
-            raise ConfigError("study.params", f"unknown parameterization {p!r}; choose among "
-                              f"{', '.join(PARAMETERIZATIONS)}")
-    for attr in ("params", "widths", "densities", "seeds"):
-        if not getattr(s, attr):
-            raise ConfigError(f"study.{attr}", "must list at least one value")
-    for d in s.densities:
-        if not 0 < d <= 1:
-            raise ConfigError("study.densities", f"density {d} is outside (0, 1] "
-                              "(density is 1 - sparsity)")
-    for w in s.widths:
-        if w <= 0 or w % cfg.model.head_size:
-            raise ConfigError("study.widths", f"width {w} is not a positive multiple of "
-                              f"model.head_size={cfg.model.head_size}")
+    check_axes(s, "study", cfg.model.head_size)
     if s.sampler not in SAMPLERS:
         raise ConfigError("study.sampler", f"unknown sampler {s.sampler!r}; choose one of "
                           f"{', '.join(SAMPLERS)}")

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from spartune.columns import HP_FIELDS
-from spartune.config import PARAMETERIZATIONS, Config, ConfigError, SearchDim, check_name
+from spartune.config import Config, ConfigError, SearchDim, check_axes, check_name
 from spartune.params import describe
 
 log = logging.getLogger(__name__)
@@ -76,27 +76,13 @@ def target_config(cfg: Config, chosen: dict, *, name: str) -> Config:
 def validate_transfer(cfg: Config) -> None:
     t = cfg.transfer
     check_name(t.source, "transfer.source")
-    for p in t.params:
-        if p not in PARAMETERIZATIONS:
-            raise ConfigError("transfer.params", f"unknown parameterization {p!r}; choose among "
-                              f"{', '.join(PARAMETERIZATIONS)}")
-    for d in t.densities:
-        if not 0 < d <= 1:
-            raise ConfigError("transfer.densities", f"density {d} is outside (0, 1] "
-                              "(density is 1 - sparsity; 0 would be an empty layer)")
-    for w in t.widths:
-        if w <= 0 or w % cfg.model.head_size:
-            raise ConfigError("transfer.widths", f"width {w} is not a positive multiple of "
-                              f"model.head_size={cfg.model.head_size}")
+    check_axes(t, "transfer", cfg.model.head_size)
     for h in t.hps:
         if h not in HP_FIELDS:
             raise ConfigError("transfer.hps", f"unknown HP {h!r}; choose among "
                               f"{', '.join(HP_FIELDS)}")
     if t.select not in ("best", "best_mean"):
         raise ConfigError("transfer.select", f"unknown {t.select!r}; choose best or best_mean")
-    if not (t.params and t.widths and t.densities and t.seeds):
-        raise ConfigError("transfer.params", "params, widths, densities and seeds must not be "
-                          "empty")
 
 
 def plan(cfg: Config, chosen: dict) -> pd.DataFrame:
