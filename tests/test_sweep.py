@@ -156,3 +156,13 @@ def test_bad_search_space_from_the_command_line(workdir):
             "study.space.lr.high=0.01", cwd=workdir)
     assert r.returncode == 2 and "study.space.lr: low (0.5) is above high" in r.stderr
     assert not (workdir / "results" / "proxy" / "optuna.journal").exists()
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "gp", "cmaes"])
+def test_every_optuna_sampler_runs(tmp_path, sampler):
+    cfg = grid_cfg(tmp_path, sampler=sampler, n_trials=3, densities=[1.0])
+    cfg.train.steps = 4
+    cfg.study.space = {"lr": SearchDim(low=1e-3, high=1e-1),
+                       "init_std": SearchDim(low=0.01, high=0.1)}
+    res = sweep.sweep(cfg)
+    assert res["finished"] == 3

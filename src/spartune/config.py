@@ -83,7 +83,7 @@ class DataConfig:
     max_bytes: int = 8_000_000  # pystdlib / text: size cap
     val_fraction: float = 0.1  # tail of the corpus held out for validation
     val_seed: int = 1234  # fixed: every run of a study is evaluated on the same batches
-    cache_dir: str = "results/.cache"
+    cache_dir: str = "${results_dir}/.cache"  # the built-in corpus is built once, here
 
 
 @dataclass
@@ -134,11 +134,14 @@ class CoordConfig:
     # product: every width x density pair.
     grid: str = "cross"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 5
+    steps: int = 10  # as the reference coordinate check (SUPAR.md §4.3)
     lr: float = 0.01
     batch_size: int = 8
     seq_len: int = 64
-    tolerance: float = 1.25  # pass if max/min of every hidden quantity stays under this
+    # Pass if max/min of every hidden quantity, at every step, stays under this. Measured at the
+    # defaults (README): correct SμPar <= 2.2x (a transient at steps 2-3, driven by the 8
+    # weights per neuron of width 512 at density 1/64); SP, µP and a broken SμPar >= 24x.
+    tolerance: float = 2.5
 
 
 @dataclass

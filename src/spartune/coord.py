@@ -32,7 +32,7 @@ import torch
 
 from spartune.columns import COORD_COLUMNS, COORD_MODULES, HIDDEN_MODULES
 from spartune.config import Config, ConfigError, CoordConfig, validate, validate_coord
-from spartune.data import Corpus, load_corpus
+from spartune.data import Corpus
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,9 @@ def measure(cfg: Config, *, corpus: Corpus | None = None, progress: bool = True)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     if corpus is None:
-        corpus = load_corpus(cfg.data, root=".")
+        from spartune.train import corpus_for
+
+        corpus = corpus_for(cfg)
     grid = cells(c)
     runs = [(p, w, d, s) for p in c.params for (w, d) in grid for s in c.seeds]
     bar = _progress(len(runs) * c.steps, progress)
@@ -308,6 +310,11 @@ def main(cfg: Config, out_dir: Path) -> bool:
           f"tolerance {c.tolerance:g}x for {judged}")
     for line in lines:
         print(line)
+    for module in HIDDEN_MODULES:
+        per_step = [spreads(df, steps=[t]) for t in range(1, c.steps + 1)]
+        vals = [float(p.loc[(p["param"] == judged) & (p["module"] == module), "spread"].iloc[0])
+                for p in per_step if not p.empty and (p["param"] == judged).any()]
+        print(f"{judged} {module} spread by step: " + " ".join(f"{v:.2f}" for v in vals))
     print(f"coordinate check {'PASSED' if ok else 'FAILED'} for {judged}")
     for path in [csv_path, spreads_path, *fig_paths]:
         print(f"wrote {path}")

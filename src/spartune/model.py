@@ -22,6 +22,7 @@ from spartune.params import Role, Scale, attention_scale, layer_scale
 from spartune.sparsity import SparseLinear, expected_fan_in, random_mask
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple[int, float]] = set()
 
 
 def _tag(module: nn.Module, role: Role) -> nn.Module:
@@ -132,12 +133,13 @@ class GPT(nn.Module):
         self.ln_f = _tag(nn.LayerNorm(m.width, bias=m.bias), "norm")
         self.unembed = Unembed(m.width, vocab_size, out.out,
                                self.embed.wte if m.tie_embeddings else None)
-        for layer in self.hidden_layers():
-            wpn = expected_fan_in(layer.in_features, layer.density, m.mask_kind)
-            if wpn < 8:
-                log.warning("a hidden layer keeps %.1f weights per neuron: SμPar's law-of-large-"
-                            "numbers argument is weak there (SUPAR.md §2.3)", wpn)
-                break
+        wpn = min(expected_fan_in(layer.in_features, layer.density, m.mask_kind)
+                  for layer in self.hidden_layers())
+        if wpn < 8 and (m.width, m.density) not in _WARNED:
+            _WARNED.add((m.width, m.density))  # once per shape and process, not per trial
+            log.warning("width %d at density %g keeps %.0f weights per neuron in some hidden "
+                        "layer: SμPar's law-of-large-numbers argument is weak there "
+                        "(SUPAR.md §2.3)", m.width, m.density, wpn)
 
     # -- structure ---------------------------------------------------------------------------
 

@@ -123,16 +123,29 @@ def pipeline_report(*, out_dir: Path, chosen: dict, plan: pd.DataFrame, proxy: p
         lines += ["Distance of each target's own best LR (local grid) from the transferred one:",
                   "", _md_table(regret), ""]
         kept = []
-        for param, g in regret.groupby("param"):
+        for param in sorted(set(at_transfer["param"])):
+            g = regret[regret["param"] == param]
+            bad = sorted({float(d) for d in at_transfer.loc[(at_transfer["param"] == param)
+                                                              & at_transfer["diverged"],
+                                                              "density"]}, reverse=True)
+            if g.empty:
+                kept.append(f"- **{param}**: no finite point on any local grid.")
+                continue
             worst = g["distance_octaves"].abs().max()
-            kept.append(f"- **{param}**: own optimum at most {worst:.1f} octave(s) from the "
-                        f"transferred LR across densities "
-                        f"({'kept its optimum' if worst <= 1 else 'optimum moved'}).")
+            edge = " (or more: the best is at the grid's edge)" if g["at_edge"].any() else ""
+            verdict = "kept its optimum" if worst <= 1 and not bad else "optimum moved"
+            text = (f"- **{param}**: {verdict}; own optimum at most {worst:.1f} octave(s) from "
+                    f"the transferred LR{edge}, regret at most {g['regret_pct'].max():.1f}%")
+            if bad:
+                text += ("; **diverged** at the transferred HPs at density "
+                         + ", ".join(f"{d:g}" for d in bad))
+            kept.append(text + ".")
         lines += kept + [""]
     if not loss.empty:
-        best_param = loss.idxmin(axis=1)
+        best = {d: " = ".join(c for c in row.index if row[c] <= row.min() + 1e-9)
+                for d, row in loss.iterrows()}  # µP and SμPar are one model at density 1
         lines += ["Best parameterization at each density (transferred HPs): " + ", ".join(
-            f"{d:g}: {p}" for d, p in best_param.items()) + ".", ""]
+            f"{d:g}: {p}" for d, p in best.items()) + ".", ""]
     lines += ["## 5. Figures", ""]
     lines += [f"![{p.stem}](figures/{p.name})" for p in figures]
     path = out_dir / "report.md"

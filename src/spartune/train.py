@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ def setup(cfg: Config, *, corpus: Corpus | None = None, root: str | Path = ".") 
     """Validate, load data, build the model and the AdamW optimizer with per-group LR mults."""
     validate(cfg)
     if corpus is None:
-        corpus = load_corpus(cfg.data, root=root)
+        corpus = corpus_for(cfg, root=root)
     corpus.check_seq_len(cfg.train.seq_len)
     device = resolve_device(cfg.train.device)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < corpus.vocab_size:
@@ -93,6 +93,12 @@ def setup(cfg: Config, *, corpus: Corpus | None = None, root: str | Path = ".") 
     groups = model.param_groups(o.weight_decay, wd_independent=o.wd_independent_of_lr_mult)
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     return Setup(model, optimizer, corpus, device)
+
+
+def corpus_for(cfg: Config, *, root: str | Path = ".") -> Corpus:
+    """The run's corpus; the default cache folder follows `results_dir` (also without Hydra)."""
+    cache = cfg.data.cache_dir.replace("${results_dir}", cfg.results_dir)
+    return load_corpus(replace(cfg.data, cache_dir=cache), root=root)
 
 
 @torch.no_grad()
