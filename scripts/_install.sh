@@ -18,6 +18,10 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     echo "[spartune] installing torch==2.13.0"
     "$VPY" -m pip install --quiet "torch==2.13.0"
 fi
+# SPARTUNE_EXTRAS: a comma list of extras, e.g. "test,postgres" -> pip install -e ".[test,postgres]"
 EXTRAS="${SPARTUNE_EXTRAS:-}"
+EXTRAS="${EXTRAS//[[:space:]]/}"  # "test, postgres" works too
+EXTRAS="${EXTRAS#,}"
+EXTRAS="${EXTRAS%,}"
 echo "[spartune] installing spartune${EXTRAS:+[$EXTRAS]} (editable)"
 "$VPY" -m pip install --quiet -e ".${EXTRAS:+[$EXTRAS]}"

@@ -84,3 +84,34 @@ def test_groups_carry_the_supar_multiplier():
     s = train.setup(cfg)
     mults = sorted({g["lr_mult"] for g in s.optimizer.param_groups})
     assert mults == pytest.approx([1.0, 1 / (2 * 0.25)])  # eta / (m_d m_rho) for hidden weights
+
+
+def test_killed_run_resumes_from_its_checkpoint_with_the_same_final_loss(tmp_path):
+    cfg = tiny_config(model__density=0.25, train__steps=40, train__checkpoint_every=10)
+    whole = train.run(cfg, out_dir=tmp_path / "whole")
+
+    def crash(step, loss):
+        if step == 30:
+            raise RuntimeError("killed")  # as if the process died at step 30 (last save: 20)
+
+    with pytest.raises(RuntimeError):
+        train.run(cfg, crash, out_dir=tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
+    resumed = train.run(cfg, out_dir=tmp_path / "resumed")
+    assert resumed["final_val_loss"] == whole["final_val_loss"]
+    assert resumed["final_train_loss"] == whole["final_train_loss"]
+    assert [r["step"] for r in resumed["curve"]] == [10, 20, 30, 40]
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    from spartune.config import ConfigError
+
+    cfg = tiny_config(train__steps=20, train__checkpoint_every=10)
+    with pytest.raises(RuntimeError):
+        train.run(cfg, lambda s, v: (_ for _ in ()).throw(RuntimeError()) if s == 20 else None,
+                  out_dir=tmp_path)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError, match="different configuration"):
+        train.run(tiny_config(train__steps=20, train__checkpoint_every=10, optim__lr=0.5),
+                  out_dir=tmp_path)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before  # nothing stored is lost

@@ -136,7 +136,9 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
                 key = getattr(e, "full_key", None) or "config"
                 fail(str(key), str(e).splitlines()[0])
             except KeyboardInterrupt:
-                print("spartune: interrupted", file=sys.stderr)
+                print("spartune: interrupted; finished trials are kept and the interrupted ones "
+                      "are marked FAIL and run again: resume with the same command",
+                      file=sys.stderr)
                 sys.exit(130)
 
         _main()

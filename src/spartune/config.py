@@ -120,7 +120,9 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA if present) | cpu | cuda
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     progress: bool = True  # a bar on a terminal; never in logs or pipes
-    checkpoint_every: int = 0  # reserved for resumable long runs
+    # Save model, masks, optimizer and RNG state every this many steps (0: never); a rerun
+    # resumes from the last checkpoint. Sweeps keep one per trial under results/<study>/.
+    checkpoint_every: int = 0
 
 
 @dataclass
@@ -284,6 +286,7 @@ def validate(cfg: Config) -> None:
     _check(t.device in DEVICES, "train.device",
            f"unknown device {t.device!r}; choose one of {', '.join(DEVICES)}")
     _check(t.threads >= 0, "train.threads", "must be >= 0 (0 keeps torch's default)")
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: no checkpoints)")
     check_name(cfg.name, "name")
 
 

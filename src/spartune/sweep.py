@@ -17,10 +17,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import hashlib
 import logging
 import math
 import multiprocessing as mp
 import os
+import signal
+import socket
 import sys
 import time
 import warnings
@@ -228,7 +231,8 @@ def make_sampler(cfg: Config, worker: int) -> optuna.samplers.BaseSampler:
     match s.sampler:
         case "grid":
             grid = {_param_name(n, d): grid_values(n, d) for n, d in s.space.items()}
-            return _Grid(grid, seed=seed)
+            # Every worker must shuffle the grid the same way: grid id n is one point for all.
+            return _Grid(grid, seed=s.sampler_seed)
         case "tpe":
             startup = min(10, max(3, s.n_trials // 4))
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup,
@@ -316,9 +320,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
         if trial.should_prune():
             raise optuna.TrialPruned()
 
+    ckpt = checkpoint_path(cfg, cell, trial.params)
     try:
-        m = train.run(run_cfg, report)
+        m = train.run(run_cfg, report, checkpoint=ckpt)
     except optuna.TrialPruned:
+        _drop(ckpt)
         study.tell(trial, state=TrialState.PRUNED)
         return None
     except ConfigError:
@@ -340,7 +346,13 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
     else:
         value = m["final_val_loss"]
     study.tell(trial, value)
+    _drop(ckpt)
     return value
+
+
+def _drop(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)
 
 
 # -- a worker -----------------------------------------------------------------------------------
@@ -350,8 +362,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
 def _ask_lock(cfg: Config) -> Iterator[None]:
     """Serialize budget-check + ask between local processes sharing a journal file.
 
-    Makes local grids exact (trial number n is grid point n). Across machines (RDB storage) a
-    race can create a trial past the grid's end; it is marked FAIL with `surplus` at once.
+    Makes local grids exact: no two trials get one grid point. Across machines (RDB storage)
+    two workers may race for the last point; the loser is marked FAIL with `surplus` at once
+    and never counts.
     """
     if cfg.study.storage:
         yield
@@ -377,11 +390,98 @@ def _load_cell_study(cfg: Config, storage: Any, cell: Cell, worker: int) -> optu
     return study
 
 
-def _counted(study: optuna.Study, grid: bool) -> int:
+def _proc_start(pid: int) -> str:
+    """A process's start time (clock ticks since boot): with the pid, it names one process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+OWNER = f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid())}"
+
+
+def _owner_alive(owner: str | None) -> bool:
+    """False only when the trial's process is known dead: same host, pid gone or reused."""
+    if not owner:
+        return True
+    host, pid, started = owner.rsplit(":", 2)
+    if host != socket.gethostname():
+        return True  # another machine's trial: Optuna's heartbeat (RDB storages) decides
+    return _proc_start(int(pid)) == started if started else os.path.exists(f"/proc/{pid}")
+
+
+def recover(study: optuna.Study, cfg: Config) -> int:
+    """Fail the trials of dead workers, and queue failed grid points again; returns how many.
+
+    RDB storages: Optuna's own heartbeat (`fail_stale_trials`). Journal files have no
+    heartbeat, so a RUNNING trial whose worker process is gone from this machine is failed.
+    A grid point whose only trials failed (a crash, Ctrl-C, SIGKILL) is enqueued with its
+    parameters, so a rerun completes the grid instead of leaving a hole.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    storage = study._storage  # Optuna has no public call to fail another process's trial
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _owner_alive(t.user_attrs.get("worker")):
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+    if cfg.study.sampler != "grid":
+        return 0  # failed trials do not count against n_trials: new ones replace them
     trials = study.get_trials(deepcopy=False)
-    if grid:
-        return len([t for t in trials if not t.user_attrs.get("surplus")])
-    return len([t for t in trials if t.state in _COUNTED])
+    covered = {_key(t.params) for t in trials if t.state in _COUNTED}
+    queued = 0
+    for t in trials:
+        key = _key(t.params)
+        if (t.state == TrialState.FAIL and t.params and not t.user_attrs.get("surplus")
+                and key not in covered):
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            covered.add(key)
+            queued += 1
+    return queued
+
+
+def _key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, round(float(v), 9)) for k, v in params.items()))
+
+
+def _point(t: Any, sampler: Any) -> tuple | None:
+    """The grid point a trial runs: its params, or (before it suggested them) its grid id."""
+    if t.params:
+        return _key(t.params)
+    gid = t.system_attrs.get("grid_id")
+    if gid is None or not isinstance(sampler, optuna.samplers.GridSampler):
+        return None
+    return _key(dict(zip(sampler._param_names, sampler._all_grids[gid], strict=True)))
+
+
+def _may_ask(study: optuna.Study, cfg: Config, total: int) -> bool:
+    """Is there work left in this cell: a queued retry, or budget for a new trial?"""
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+    if any(t.state == TrialState.WAITING for t in trials):
+        return True
+    if cfg.study.sampler == "grid":
+        touched = {_point(t, study.sampler) for t in trials}
+        return len(touched - {None}) < total  # a grid point nobody has started
+    return len([t for t in trials if t.state in _COUNTED]) < total
+
+
+def _duplicate(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Did the grid sampler hand out a point another live or finished trial already has?"""
+    frozen = study._storage.get_trial(trial._trial_id)
+    mine = _point(frozen, study.sampler)
+    return any(_point(t, study.sampler) == mine and t.number != trial.number
+               for t in study.get_trials(deepcopy=False, states=_COUNTED)
+               if not t.user_attrs.get("surplus"))
+
+
+def checkpoint_path(cfg: Config, cell: Cell, params: dict[str, Any]) -> Path | None:
+    """One checkpoint per cell and HP point, so a retried trial resumes its predecessor."""
+    if cfg.train.checkpoint_every <= 0:
+        return None
+    tag = hashlib.sha256(repr(_key(params)).encode()).hexdigest()[:12]
+    return study_dir(cfg) / "checkpoints" / cell.key.replace("/", "_") / f"{tag}.pt"
 
 
 def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
@@ -395,18 +495,25 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
     ran = 0
     for cell in cells(cfg.study):
         study = _load_cell_study(cfg, storage, cell, worker)
+        with _ask_lock(cfg):
+            recover(study, cfg)
         while True:
             if cfg.study.timeout and time.monotonic() - start > cfg.study.timeout:
                 return ran
             with _ask_lock(cfg):
-                if _counted(study, grid) >= total:
+                if not _may_ask(study, cfg, total):
                     break
                 trial = study.ask()
-            if grid and trial.number >= total:
-                trial.set_user_attr("surplus", True)
-                study.tell(trial, state=TrialState.FAIL)
-                break
-            run_trial(study, trial, cfg, cell)
+                trial.set_user_attr("worker", OWNER)
+                if grid and "retry_of" not in trial.user_attrs and _duplicate(study, trial):
+                    # only across machines (no shared lock): two workers took the last point
+                    trial.set_user_attr("surplus", True)
+                    study.tell(trial, state=TrialState.FAIL)
+                    continue
+            from optuna.storages._heartbeat import get_heartbeat_thread
+
+            with get_heartbeat_thread(trial._trial_id, study._storage):
+                run_trial(study, trial, cfg, cell)
             ran += 1
             if progress is not None:
                 progress(study)
@@ -416,10 +523,16 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
 def _worker_entry(cfg: Config, worker: int) -> None:
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # The parent stops its workers with SIGTERM on Ctrl-C: end the trial as FAIL, cleanly.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         run_worker(cfg, worker)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def count_done(cfg: Config, storage: Any) -> tuple[int, float]:

@@ -11,6 +11,7 @@ A run never crashes on divergence: if the train loss goes NaN/inf or above
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +120,33 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
 
 
+def config_fingerprint(cfg: Config) -> str:
+    """Hash of everything that shapes a run's trajectory: a checkpoint only resumes its own run."""
+    keep = {k: v for k, v in asdict(cfg).items()
+            if k in ("model", "param", "data", "optim", "seed")}
+    keep["train"] = {k: v for k, v in asdict(cfg.train).items()
+                     if k in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches",
+                              "loss_ceiling")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write then rename: a run killed mid-save leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = None, *,
-        corpus: Corpus | None = None) -> dict[str, Any]:
-    """Train one model and return its metrics; write metrics.json and curve.csv to `out_dir`."""
+        corpus: Corpus | None = None, checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """Train one model and return its metrics; write metrics.json and curve.csv to `out_dir`.
+
+    With `train.checkpoint_every > 0`, the model (masks included), optimizer, data-sampler RNG,
+    curve and step are saved every that many steps to `checkpoint` (default
+    `out_dir/checkpoint.pt`); a rerun with the same config resumes there and ends with the same
+    losses as an uninterrupted run.
+    """
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     s = setup(cfg, corpus=corpus)
@@ -134,10 +159,30 @@ def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = 
     curve: list[dict[str, float | int]] = []
     window: list[float] = []  # train losses since the last evaluation
     diverged_at: int | None = None
-    train_seconds, step = 0.0, 0
+    train_seconds, step, start = 0.0, 0, 0
+    ckpt = None
+    if t.checkpoint_every > 0 and (checkpoint is not None or out_dir is not None):
+        ckpt = Path(checkpoint) if checkpoint is not None else Path(out_dir) / "checkpoint.pt"
+    fingerprint = config_fingerprint(cfg)
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            from spartune.config import ConfigError
+
+            raise ConfigError("train.checkpoint_every", f"{ckpt} was written by a different "
+                              "configuration; move it away or use another run folder")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        data_gen.set_state(state["data_gen"])
+        curve, window = state["curve"], state["window"]
+        start = step = state["step"]
+        train_seconds = state["train_seconds"]
+        log.info("resumed from %s at step %d", ckpt, start)
     bar = _progress(t.steps, t.progress)
+    if bar is not None and start:
+        bar.update(start)
     try:
-        for step in range(1, t.steps + 1):
+        for step in range(start + 1, t.steps + 1):
             tic = time.perf_counter()
             factor = lr_factor(step - 1, t.steps, o)
             for g in opt.param_groups:
@@ -170,6 +215,12 @@ def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = 
                     break
                 if report is not None:
                     report(step, val_loss)
+            if ckpt is not None and step % t.checkpoint_every == 0 and step < t.steps:
+                save_checkpoint(ckpt, {
+                    "fingerprint": fingerprint, "step": step, "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "data_gen": data_gen.get_state(),
+                    "curve": curve, "window": window, "train_seconds": train_seconds,
+                })
     finally:
         if bar is not None:
             bar.close()

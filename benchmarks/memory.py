@@ -1,0 +1,130 @@
+"""Peak memory of a run vs the model state it must hold, and what the masks cost (report only).
+
+Why: a training run needs parameters + gradients + AdamW's two moments (16 bytes per float32
+parameter); anything far above that (activations, temporaries, the interpreter and torch
+themselves) is worth knowing before sizing a sweep with many workers. Sparse runs add a mask per
+hidden layer: spartune keeps them as bool buffers (1 byte per weight, a quarter of a float32
+copy); the forward pass also makes a float32 `weight * mask` temporary per layer that autograd
+keeps until backward.
+
+Each run happens in a fresh subprocess (`--child`) so that peak RSS (`VmHWM` of
+/proc/self/status, and `ru_maxrss`) belongs to that run alone: the child imports torch and
+spartune (and `torch._dynamo`, which the first AdamW would import anyway: ~70 MiB that are the
+library's, not the run's), builds the corpus, records its high-water mark, then runs
+`spartune.train.run` for a few steps (width 512 by default, SμPar, batch 16 x 64, 2 threads)
+and records it again. Runs: density 1 and density 1/16.
+
+Reported: peak RSS / state bytes (params + grads + 2 moments) of the dense run (the last line's
+ratio), the same above the import baseline, and for the sparse run the mask bytes vs a float32
+copy of the masked weights. target=report: it passes if the mask bytes are <= 1/4 of the float32
+bytes of the masked layers' weights.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    THREADS,
+    bench_config,
+    parser,
+    print_machine,
+    print_table,
+    verdict,
+)
+
+NAME = "memory"
+MiB = 2**20
+
+
+def high_water_bytes() -> int:
+    """Peak resident set of this process so far: VmHWM, else ru_maxrss (KiB on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(width: int, density: float, steps: int) -> dict[str, float]:
+    """One run in this (fresh) process; the figures as a dict."""
+    import torch
+    import torch._dynamo  # noqa: F401  (torch.optim imports it on the first optimizer: ~70 MiB)
+
+    from spartune import train
+    from spartune.data import load_corpus
+    from spartune.sparsity import SparseLinear
+
+    torch.set_num_threads(THREADS)
+    cfg = bench_config(width=width, density=density, steps=steps, eval_batches=2)
+    corpus = load_corpus(cfg.data)
+    base = high_water_bytes()
+    m = train.run(cfg, corpus=corpus)
+    peak = high_water_bytes()
+    peak_ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model = train.setup(cfg, corpus=corpus).model  # same seeds: the same model, for counting
+    masks = [mod for mod in model.modules() if isinstance(mod, SparseLinear)]
+    mask_bytes = sum(mod.mask.numel() * mod.mask.element_size()
+                     for mod in masks if mod.mask is not None)
+    masked_float = sum(mod.weight.numel() * 4 for mod in masks if mod.mask is not None)
+    hidden_float = sum(mod.weight.numel() * mod.weight.element_size() for mod in masks)
+    n_params = int(m["n_params"])
+    return {"width": width, "density": density, "steps": int(m["steps"]),
+            "n_params": n_params, "state_bytes": 16 * n_params, "base_bytes": base,
+            "peak_bytes": peak, "peak_ru_bytes": peak_ru, "mask_bytes": mask_bytes,
+            "masked_float_bytes": masked_float, "hidden_float_bytes": hidden_float}
+
+
+def run_child(width: int, density: float, steps: int) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(width), str(density), str(steps)],
+        capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        print(json.dumps(child(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))))
+        return
+    p = parser(__doc__)
+    p.add_argument("--width", type=int, default=None, help="model width (512)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (5)")
+    a = p.parse_args()
+    width = a.width or (64 if a.quick else 512)
+    steps = a.steps or (2 if a.quick else 5)
+    print_machine(f"{NAME}: peak RSS of a width-{width} run ({steps} steps, fresh subprocess) "
+                  "vs params + grads + AdamW moments; masks at density 1/16")
+    dense = run_child(width, 1.0, steps)
+    sparse = run_child(width, 1 / 16, steps)
+    rows = []
+    for r in (dense, sparse):
+        above = r["peak_bytes"] - r["base_bytes"]
+        rows.append([r["width"], f"{r['density']:g}", r["n_params"], r["state_bytes"] / MiB,
+                     r["base_bytes"] / MiB, r["peak_bytes"] / MiB, r["peak_ru_bytes"] / MiB,
+                     r["peak_bytes"] / r["state_bytes"], above / r["state_bytes"],
+                     r["mask_bytes"] / MiB])
+    print_table(["width", "density", "params", "state MiB (16 B/param)", "RSS after import MiB",
+                 "peak RSS MiB (VmHWM)", "peak ru_maxrss MiB", "peak / state",
+                 "(peak - import) / state", "mask MiB"], rows,
+                title="state = params + grads + 2 AdamW moments, float32")
+    mask_frac = sparse["mask_bytes"] / sparse["masked_float_bytes"]
+    extra = sparse["peak_bytes"] - dense["peak_bytes"]
+    print_table(["masked layers' weights MiB (float32)", "masks MiB (bool)",
+                 "mask / float copy", "peak RSS sparse - dense MiB"],
+                [[sparse["masked_float_bytes"] / MiB, sparse["mask_bytes"] / MiB, mask_frac,
+                  extra / MiB]],
+                title="density 1/16: mask bytes vs a float32 copy of the masked weights")
+    ratio = dense["peak_bytes"] / dense["state_bytes"]
+    verdict(NAME, ratio, "report", mask_frac <= 0.25)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Local parallel sweeps: trials per hour with study.workers=2 vs workers=1 (target >= 1.8x).
+
+Why: `study.workers=N` runs N local processes on one journal. Small proxy models do not use
+2 cores well with intra-op threads alone, so 2 single-threaded workers should come close to
+twice the trials per hour of 1 two-threaded worker on a 2-core machine.
+
+Both sides are `spartune.sweep.sweep(cfg)` of the same study definition (a grid of N trials
+over lr x init_std, width 64, SμPar, synthetic data, no pruning), each round in a fresh tmp
+folder (fresh journal). `train.threads` is left at 0 so the sweep sets torch threads to
+cpu_count // workers per process, as it does for users. The wall time includes starting the
+extra worker process (spawn: a fresh interpreter imports torch and Optuna). Sides alternate
+A B A B; the figure is the median of per-round ratios of trials/hour (workers=2 / workers=1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    alternate,
+    bench_config,
+    median,
+    paired_ratios,
+    parser,
+    print_machine,
+    print_table,
+    quiet_logs,
+    timed,
+    verdict,
+)
+
+from spartune.config import Config, SearchDim  # noqa: E402
+from spartune.sweep import sweep  # noqa: E402
+
+NAME = "parallel_scaling"
+TARGET = 1.8
+
+
+def study_config(results_dir: str, workers: int, *, lr_points: int, std_points: int,
+                 steps: int) -> Config:
+    cfg = bench_config(width=64, steps=steps, eval_every=max(1, steps // 3), eval_batches=2,
+                       threads=0)
+    cfg.results_dir, cfg.name = results_dir, "scaling"
+    s = cfg.study
+    s.name, s.sampler, s.pruner, s.workers = "scaling", "grid", "none", workers
+    s.params, s.widths, s.densities, s.seeds = ["supar"], [64], [1.0], [0]
+    s.space = {
+        "lr": SearchDim(values=[0.01 * 2.0**i for i in range(lr_points)]),
+        "init_std": SearchDim(values=[0.02 * 2.0**i for i in range(std_points)]),
+    }
+    return cfg
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--steps", type=int, default=None, help="steps per trial (60)")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (3)")
+    p.add_argument("--workers", type=int, default=2, help="the parallel side's workers")
+    a = p.parse_args()
+    quiet_logs()
+    lr_points, std_points = (2, 1) if a.quick else (4, 4)
+    steps = a.steps or (5 if a.quick else 60)
+    rounds = a.rounds or (1 if a.quick else 3)
+    n = lr_points * std_points
+    print_machine(f"{NAME}: sweep of {n} grid trials, workers={a.workers} vs 1, width 64, "
+                  f"{steps} steps/trial, threads per process = cpu_count // workers "
+                  f"({os.cpu_count()} // N), {rounds} alternating rounds")
+
+    with tempfile.TemporaryDirectory(prefix="spartune-bench-") as tmp:
+        counter = itertools.count()
+
+        def side(workers: int):  # noqa: ANN202
+            def fn() -> float:
+                cfg = study_config(f"{tmp}/r{next(counter)}", workers, lr_points=lr_points,
+                                   std_points=std_points, steps=steps)
+                secs, out = timed(lambda: sweep(cfg))
+                assert out["finished"] == n and not out["worker_failures"], out
+                return secs
+            return fn
+
+        res = alternate({"parallel": side(a.workers), "serial": side(1)}, rounds,
+                        warmup=0 if a.quick else 1)
+    tph_par = [3600 * n / s for s in res["parallel"]]
+    tph_ser = [3600 * n / s for s in res["serial"]]
+    ratio = median(paired_ratios(tph_par, tph_ser))
+    print_table(
+        ["trials", "steps/trial", "workers", "wall s", "trials/hour"],
+        [[n, steps, a.workers, median(res["parallel"]), median(tph_par)],
+         [n, steps, 1, median(res["serial"]), median(tph_ser)]],
+        title=f"medians over {rounds} rounds; ratio = trials/hour workers={a.workers} / "
+              "workers=1, median of per-round ratios",
+    )
+    verdict(NAME, ratio, f">={TARGET}", ratio >= TARGET)
+
+
+if __name__ == "__main__":
+    main()

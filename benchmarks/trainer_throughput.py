@@ -1,0 +1,190 @@
+"""spartune's training step vs a minimal plain PyTorch GPT loop: tokens/s ratio (target >= 1.0).
+
+Why: SμPar must cost nothing at train time. Its machinery (role-tagged layers, forward
+multipliers on embedding/logits, per-group LR multipliers set every step, SparseLinear with no
+mask at density 1) should run as fast as the nanoGPT-style loop anyone would write by hand.
+
+Side A is `spartune.train.run(cfg)` itself, timed as a whole (model build and init, the step
+loop with its per-step LR loop over param groups and `loss.item()`, and the final evaluation),
+at SμPar, density 1. Side B is `plain_run` below: the same shapes (pre-LN GPT, learned
+positions, GELU MLP 4x, SDPA causal attention, tied embeddings, AdamW with the same betas/eps/
+decay, grad clip 1.0, the same LR schedule set per step, `loss.item()` per step, one final
+evaluation on the same batches) with no parameterization machinery. Both draw batches from the
+same `Corpus` (synthetic, vocab 256) with `train_batch`, so data costs are equal; batch 16 x 64;
+torch threads fixed to 2 on both sides. Sides alternate A B A B; the figure per width is the
+median of the per-round ratios. The last line reports the minimum over widths.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _common import (  # noqa: E402
+    THREADS,
+    alternate,
+    bench_config,
+    median,
+    paired_ratios,
+    parser,
+    print_machine,
+    print_table,
+    quiet_logs,
+    set_threads,
+    timed,
+    verdict,
+)
+from torch import Tensor, nn  # noqa: E402
+
+from spartune import train  # noqa: E402
+from spartune.config import Config  # noqa: E402
+from spartune.data import Corpus, load_corpus  # noqa: E402
+
+NAME = "trainer_throughput"
+TARGET = 1.0
+
+
+# -- the plain baseline: nanoGPT-style, no parameterization ------------------------------------
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, width: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.ln1 = nn.LayerNorm(width, bias=False)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width, bias=False)
+        self.ln2 = nn.LayerNorm(width, bias=False)
+        self.up = nn.Linear(width, 4 * width, bias=False)
+        self.down = nn.Linear(4 * width, width, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.down(F.gelu(self.up(self.ln2(x))))
+
+
+class PlainGPT(nn.Module):
+    def __init__(self, vocab: int, width: int, depth: int, n_head: int, max_len: int) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.wpe = nn.Embedding(max_len, width)
+        self.blocks = nn.ModuleList(PlainBlock(width, n_head) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(width, bias=False)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, 0.0, 0.02)
+
+    def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+
+def plain_run(cfg: Config, corpus: Corpus) -> dict[str, float]:
+    """The hand-written loop, same shapes and optimizer settings as `train.run(cfg)`."""
+    torch.manual_seed(cfg.seed)
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    model = PlainGPT(corpus.vocab_size, m.width, m.depth, m.n_head, t.seq_len)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+    val = corpus.val_batches(t.eval_batches, t.batch_size, t.seq_len, cfg.data.val_seed)
+    step_seconds, loss_value, val_loss = 0.0, math.nan, math.nan
+    for step in range(1, t.steps + 1):
+        tic = time.perf_counter()
+        lr = o.lr * train.lr_factor(step - 1, t.steps, o)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = corpus.train_batch(t.batch_size, t.seq_len, gen)
+        loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        loss_value = loss.item()
+        step_seconds += time.perf_counter() - tic
+        if step % t.eval_every == 0 or step == t.steps:
+            with torch.no_grad():
+                val_loss = sum(float(model(vx, vy)) for vx, vy in val) / len(val)
+    return {"train_seconds": step_seconds, "final_train_loss": loss_value, "val_loss": val_loss}
+
+
+# -- the measurement -------------------------------------------------------------------------
+
+
+def measure(width: int, steps: int, rounds: int, corpus: Corpus) -> dict[str, float]:
+    cfg = bench_config(width=width, steps=steps)
+    tokens = steps * cfg.train.batch_size * cfg.train.seq_len
+
+    def spartune_side() -> tuple[float, float]:
+        wall, m = timed(lambda: train.run(cfg, corpus=corpus))
+        return wall, m["train_seconds"]
+
+    def plain_side() -> tuple[float, float]:
+        wall, m = timed(lambda: plain_run(cfg, corpus))
+        return wall, m["train_seconds"]
+
+    res = alternate({"spartune": spartune_side, "plain": plain_side}, rounds)
+    s_wall, s_loop = zip(*res["spartune"], strict=True)
+    p_wall, p_loop = zip(*res["plain"], strict=True)
+    return {
+        "width": width,
+        "steps": steps,
+        "spartune_tok_s": tokens / median(s_wall),
+        "plain_tok_s": tokens / median(p_wall),
+        # tokens/s ratio = time ratio inverted, per round: plain_time / spartune_time
+        "ratio": median(paired_ratios(p_wall, s_wall)),
+        "ratio_loop": median(paired_ratios(p_loop, s_loop)),
+        "spartune_ms_step": 1000 * median(s_loop) / steps,
+        "plain_ms_step": 1000 * median(p_loop) / steps,
+    }
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--widths", type=int, nargs="+", default=None)
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="steps per run, one per width (default 100 at 128, 25 at 512)")
+    p.add_argument("--rounds", type=int, default=None)
+    a = p.parse_args()
+    quiet_logs()
+    set_threads(THREADS)
+    widths = a.widths or ([64] if a.quick else [128, 512])
+    default_steps = {64: 10, 128: 100, 256: 50, 512: 25} if not a.quick else {64: 8}
+    steps = a.steps or [default_steps.get(w, 20) for w in widths]
+    rounds = a.rounds or (2 if a.quick else 7)
+    print_machine(f"{NAME}: spartune train.run (SμPar, density 1) vs plain PyTorch loop, "
+                  f"batch 16x64, {THREADS} threads, {rounds} alternating rounds")
+    corpus = load_corpus(bench_config().data)
+    rows = [measure(w, s, rounds, corpus) for w, s in zip(widths, steps, strict=True)]
+    print_table(
+        ["width", "steps/run", "spartune tok/s", "plain tok/s", "ratio (whole run)",
+         "ratio (step loop only)", "spartune ms/step", "plain ms/step"],
+        [[r["width"], r["steps"], r["spartune_tok_s"], r["plain_tok_s"], r["ratio"],
+          r["ratio_loop"], r["spartune_ms_step"], r["plain_ms_step"]] for r in rows],
+        title="tokens/s, medians; ratio = spartune/plain tokens/s, median of per-round ratios",
+    )
+    worst = min(r["ratio"] for r in rows)
+    verdict(NAME, worst, f">={TARGET}", worst >= TARGET)
+
+
+if __name__ == "__main__":
+    main()
