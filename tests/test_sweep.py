@@ -96,7 +96,7 @@ def test_two_processes_share_one_study_without_duplicates(tmp_path):
             "model.width=32", "model.head_size=16", "study.widths=[32]",
             "study.params=[supar]", "study.densities=[1.0]", "study.name=pair",
             "study.space.lr.low=0.000244140625", "study.space.lr.high=0.0625",
-            "train.steps=10", "train.device=cpu", "train.threads=1"]
+            "train.steps=10", "train.device=cpu", "train.threads=1", "study.workers=1"]
     exe = Path(sys.executable).with_name(args[0])
     env = {**os.environ, "SPARTUNE_HOME": str(ROOT)}
     procs = [subprocess.Popen([str(exe), *args[1:]], cwd=tmp_path, env=env,
@@ -166,3 +166,20 @@ def test_every_optuna_sampler_runs(tmp_path, sampler):
                        "init_std": SearchDim(low=0.01, high=0.1)}
     res = sweep.sweep(cfg)
     assert res["finished"] == 3
+
+
+def test_corrupted_journal_is_one_line_and_left_untouched(workdir):
+    journal = workdir / "results" / "x" / "optuna.journal"
+    journal.parent.mkdir(parents=True)
+    journal.write_text('{"op_code": 0, garbage\nnot json\n')
+    before = journal.read_bytes()
+    r = cli("spartune-sweep", "-cn", "proxy", "study.name=x", "data=synthetic", cwd=workdir)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("spartune: error: study.storage: cannot read")
+    assert journal.read_bytes() == before
+
+
+def test_empty_data_file_is_one_line(workdir):
+    (workdir / "empty.txt").write_text("")
+    r = cli("spartune-train", "data=text", "data.path=empty.txt", "train=smoke", cwd=workdir)
+    assert r.returncode == 2 and r.stderr.startswith("spartune: error: data.path:")

@@ -187,8 +187,9 @@ def _sweep(cfg: Config, run_dir: Path) -> None:
     for p in [*paths.values(), *figs]:
         print(f"wrote {p}")
     if res["finished"] < res["total"]:
-        print(f"spartune: {res['total'] - res['finished']} trials not finished; run the same "
-              "command again to resume", file=sys.stderr)
+        print(f"spartune: {res['total'] - res['finished']} trials not finished here (running in "
+              "another worker, or failed): run the same command again to complete the study",
+              file=sys.stderr)
 
 
 def _transfer(cfg: Config, run_dir: Path) -> None:

@@ -195,9 +195,7 @@ def open_storage(cfg: Config, *, create: bool = True) -> optuna.storages.BaseSto
             raise ConfigError("study.storage", f"{url!r} is not a storage URL; use e.g. "
                               "postgresql://user@host/db or sqlite:///path.db, or leave it null")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+            return _open_rdb(url)
         except Exception as e:  # any driver or connection error: one line, the URL named
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             if "DB access module" in msg:
@@ -214,6 +212,26 @@ def open_storage(cfg: Config, *, create: bool = True) -> optuna.storages.BaseSto
     except Exception as e:
         raise ConfigError("study.storage", f"cannot read {path}: {str(e).splitlines()[0][:200]}"
                           "; move the file away to start afresh") from None
+
+
+def _open_rdb(url: str, tries: int = 6) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage with its heartbeat, retried while several workers create the
+    tables of a fresh database at once (PostgreSQL fails all but one with a unique violation).
+    """
+    import random
+
+    import sqlalchemy.exc
+
+    for attempt in range(tries):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.1 + 0.5 * random.random())
+    raise AssertionError("unreachable")
 
 
 class _Grid(optuna.samplers.GridSampler):
@@ -503,7 +521,11 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
             with _ask_lock(cfg):
                 if not _may_ask(study, cfg, total):
                     break
-                trial = study.ask()
+                with warnings.catch_warnings():
+                    # Optuna warns that heartbeats are meant for Study.optimize; ask/tell keeps
+                    # one alive below exactly as optimize does.
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                    trial = study.ask()
                 trial.set_user_attr("worker", OWNER)
                 if grid and "retry_of" not in trial.user_attrs and _duplicate(study, trial):
                     # only across machines (no shared lock): two workers took the last point
