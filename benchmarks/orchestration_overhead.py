@@ -101,7 +101,8 @@ def main() -> None:
             secs, _ = timed(lambda: [train.run(c) for c in configs])
             return secs
 
-        res = alternate({"sweep": sweep_side, "bare": bare_side}, rounds)
+        res = alternate({"sweep": sweep_side, "bare": bare_side}, rounds,
+                        warmup=0 if a.quick else 1)
     ratios = paired_ratios(res["sweep"], res["bare"])
     ratio = median(ratios)
     sw, bare = median(res["sweep"]), median(res["bare"])

@@ -48,9 +48,9 @@ NAME = "search_efficiency"
 TARGET_STEPS = 0.25
 TARGET_GAP = 0.005
 NOT_REACHED = 999.0  # printed ratio when the median seed never came within TARGET_GAP
-# log2 box: lr 2^-10 .. 2^-5 ... shifted by the defaults below; init_std 2^-8 .. 2^-3
+# the log2 box: lr 2^-10 .. 2^-5, init_std 2^-6 .. 2^-1 (the optimum inside, not on an edge)
 LR_LOG2 = (-10.0, -5.0)
-STD_LOG2 = (-8.0, -3.0)
+STD_LOG2 = (-6.0, -1.0)
 
 
 def study_config(root: Path, name: str, *, sampler: str, steps: int, points: int,

@@ -249,8 +249,9 @@ def lr_stability(trials: pd.DataFrame, x: str = "lr", width: int | None = None) 
         labels.append("best at grid edge")
     fig.legend(handles, labels, title="density ρ", loc="outside right center", fontsize=8.5,
                title_fontsize=9, frameon=False)
-    fig.suptitle(f"Validation loss vs {HP_NAMES.get(x, x)}: width {width}, "
-                 f"mean ± s.e. over {_n_seeds(sel)}", fontsize=11)
+    spread = f"mean ± s.e. over {_n_seeds(sel)}" if sel["seed"].nunique() > 1 else "1 seed"
+    fig.suptitle(f"Validation loss vs {HP_NAMES.get(x, x)}: width {width}, {spread}",
+                 fontsize=11)
     return fig
 
 
