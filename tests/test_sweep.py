@@ -91,6 +91,7 @@ def test_tpe_respects_the_budget_per_cell(tmp_path):
     assert trials["log2_init_std"].between(math.log2(0.005), math.log2(0.1)).all()
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study_without_duplicates(tmp_path):
     args = ["spartune-sweep", "-cn", "lr_stability", "data=synthetic", "train=smoke",
             "model.width=32", "model.head_size=16", "study.widths=[32]",
