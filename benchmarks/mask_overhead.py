@@ -68,9 +68,10 @@ def mask_product_seconds(width: int, float_mask: bool, reps: int) -> float:
     return median(times[1:])
 
 
-def measure(width: int, steps: int, rounds: int, corpus: Corpus) -> dict[str, float]:
-    dense = bench_config(width=width, density=1.0, steps=steps)
-    sparse = bench_config(width=width, density=DENSITY, steps=steps)
+def measure(width: int, steps: int, rounds: int, corpus: Corpus,
+            threads: int) -> dict[str, float]:
+    dense = bench_config(width=width, density=1.0, steps=steps, threads=threads)
+    sparse = bench_config(width=width, density=DENSITY, steps=steps, threads=threads)
 
     def side(cfg):  # noqa: ANN001, ANN202
         def fn() -> tuple[float, float]:
@@ -105,17 +106,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="steps per run, one per width (default 100 at 128, 25 at 512)")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--threads", type=int, default=THREADS, help="torch threads, both sides (2)")
     a = p.parse_args()
     quiet_logs()
-    set_threads(THREADS)
+    set_threads(a.threads)
     widths = a.widths or ([64] if a.quick else [128, 512])
     default_steps = {64: 8} if a.quick else {128: 100, 256: 50, 512: 25}
     steps = a.steps or [default_steps.get(w, 20) for w in widths]
     rounds = a.rounds or (2 if a.quick else 7)
     print_machine(f"{NAME}: SμPar density {DENSITY:g} vs 1 at the same width, batch 16x64, "
-                  f"{THREADS} threads, {rounds} alternating rounds")
+                  f"{a.threads} threads, {rounds} alternating rounds")
     corpus = load_corpus(bench_config().data)
-    rows = [measure(w, s, rounds, corpus) for w, s in zip(widths, steps, strict=True)]
+    rows = [measure(w, s, rounds, corpus, a.threads)
+            for w, s in zip(widths, steps, strict=True)]
     print_table(
         ["width", "steps/run", "dense ms/step", f"d={DENSITY:g} ms/step", "ratio (step)",
          "ratio (whole run)", "w*mask ms/step (bool)", "% of dense step",

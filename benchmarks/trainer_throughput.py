@@ -130,8 +130,9 @@ def plain_run(cfg: Config, corpus: Corpus) -> dict[str, float]:
 # -- the measurement -------------------------------------------------------------------------
 
 
-def measure(width: int, steps: int, rounds: int, corpus: Corpus) -> dict[str, float]:
-    cfg = bench_config(width=width, steps=steps)
+def measure(width: int, steps: int, rounds: int, corpus: Corpus,
+            threads: int) -> dict[str, float]:
+    cfg = bench_config(width=width, steps=steps, threads=threads)
     tokens = steps * cfg.train.batch_size * cfg.train.seq_len
 
     def spartune_side() -> tuple[float, float]:
@@ -164,17 +165,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="steps per run, one per width (default 100 at 128, 25 at 512)")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--threads", type=int, default=THREADS, help="torch threads, both sides (2)")
     a = p.parse_args()
     quiet_logs()
-    set_threads(THREADS)
+    set_threads(a.threads)
     widths = a.widths or ([64] if a.quick else [128, 512])
     default_steps = {64: 10, 128: 100, 256: 50, 512: 25} if not a.quick else {64: 8}
     steps = a.steps or [default_steps.get(w, 20) for w in widths]
     rounds = a.rounds or (2 if a.quick else 7)
     print_machine(f"{NAME}: spartune train.run (SμPar, density 1) vs plain PyTorch loop, "
-                  f"batch 16x64, {THREADS} threads, {rounds} alternating rounds")
+                  f"batch 16x64, {a.threads} threads, {rounds} alternating rounds")
     corpus = load_corpus(bench_config().data)
-    rows = [measure(w, s, rounds, corpus) for w, s in zip(widths, steps, strict=True)]
+    rows = [measure(w, s, rounds, corpus, a.threads)
+            for w, s in zip(widths, steps, strict=True)]
     print_table(
         ["width", "steps/run", "spartune tok/s", "plain tok/s", "ratio (whole run)",
          "ratio (step loop only)", "spartune ms/step", "plain ms/step"],
