@@ -71,6 +71,25 @@ def set_threads(n: int = THREADS) -> int:
     return torch.get_num_threads()
 
 
+def add_step_options(p: argparse.ArgumentParser) -> None:
+    """Options of the in-process step-time benchmarks: threads and denormal handling."""
+    p.add_argument("--threads", type=int, default=THREADS, help="torch threads, both sides (2)")
+    p.add_argument("--denormals", choices=["flush", "keep"], default="flush",
+                   help="flush (default): flush-to-zero / denormals-are-zero for the whole "
+                        "process, so that neither side is slowed by denormal floats its "
+                        "numerics happen to produce; keep: the CPU's default for the "
+                        "benchmark's own code (spartune's train.run flushes regardless, as it "
+                        "does for users: see train.flush_denormals)")
+
+
+def configure_process(threads: int, denormals: str) -> None:
+    """Set denormal handling, then the thread count. Call first: torch's OpenMP workers copy the
+    FP control register of the main thread when the pool starts, so flush-to-zero set after any
+    parallel op would hold on the main thread only."""
+    torch.set_flush_denormal(denormals == "flush")
+    set_threads(threads)
+
+
 # -- timing and alternation ------------------------------------------------------------------
 
 

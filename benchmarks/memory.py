@@ -4,8 +4,9 @@ Why: a training run needs parameters + gradients + AdamW's two moments (16 bytes
 parameter); anything far above that (activations, temporaries, the interpreter and torch
 themselves) is worth knowing before sizing a sweep with many workers. Sparse runs add a mask per
 hidden layer: spartune keeps them as bool buffers (1 byte per weight, a quarter of a float32
-copy); the forward pass also makes a float32 `weight * mask` temporary per layer that autograd
-keeps until backward.
+copy). Since the mask-overhead fix the forward pass uses the weight itself (its masked entries
+are exactly 0) and masks the gradient in place, so there is no float32 `weight * mask`
+temporary per layer any more (before, autograd kept one per masked layer until backward).
 
 Each run happens in a fresh subprocess (`--child`) so that peak RSS (`VmHWM` of
 /proc/self/status, and `ru_maxrss`) belongs to that run alone: the child imports torch and

@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per run (100)")
     p.add_argument("--eval-every", type=int, default=None, help="report interval (20)")
     p.add_argument("--trials", type=int, default=None, help="TPE trial budget per seed (16)")
-    p.add_argument("--seeds", type=int, default=None, help="sampler seeds (3)")
+    p.add_argument("--seeds", type=int, default=None, help="sampler seeds (5)")
     p.add_argument("--pruner", default="median", choices=["median", "hyperband"])
     p.add_argument("--data", default="pystdlib", choices=["pystdlib", "synthetic"])
     p.add_argument("--show-grid", action="store_true", help="print the grid's losses")
@@ -114,7 +114,7 @@ def main() -> None:
     steps = a.steps or (6 if a.quick else 100)
     eval_every = a.eval_every or (3 if a.quick else 20)
     n_trials = a.trials or (3 if a.quick else 16)
-    seeds = a.seeds or (1 if a.quick else 3)
+    seeds = a.seeds or (1 if a.quick else 5)
     print_machine(f"{NAME}: TPE + {a.pruner} pruning vs full {points}x{points} grid over "
                   f"(lr, init_std), width 64, {steps} steps/run, {a.data} data")
 

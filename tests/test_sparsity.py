@@ -100,3 +100,43 @@ def test_masked_weights_and_adam_moments_stay_exactly_zero(weight_decay):
 def test_density_one_has_no_mask_and_no_overhead():
     layer = SparseLinear(8, 8, role="hidden", mask=torch.ones(8, 8, dtype=torch.bool))
     assert layer.mask is None and "mask" not in layer.state_dict()
+
+
+def test_gradient_is_masked_before_clipping_and_equals_the_masked_product_gradient():
+    """The forward uses W (masked entries are 0) and a hook masks W.grad in place: the gradient
+    must be exactly that of X (W ⊙ M)^T, zero at masked entries, before clip_grad_norm_ runs."""
+    torch.manual_seed(0)
+    layer = SparseLinear(16, 8, role="hidden",
+                         mask=random_mask((8, 16), 0.25, torch.Generator().manual_seed(1)))
+    layer.init_(0.5, torch.Generator().manual_seed(2))
+    x = torch.randn(4, 16)
+    layer(x).square().sum().backward()
+    w = layer.weight.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x, w * layer.mask).square().sum().backward()
+    assert torch.equal(layer.weight.grad, w.grad)
+    assert (layer.weight.grad[~layer.mask] == 0).all()
+    norm = torch.nn.utils.clip_grad_norm_([layer.weight], 1e-3)
+    assert norm == w.grad.norm()  # clipping saw the masked gradient
+
+
+def test_masked_entries_stay_zero_with_clipping_and_decay_and_after_load():
+    torch.manual_seed(0)
+    model = _model(density=0.25)
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=0.05)
+    for _ in range(6):
+        x = torch.randint(0, 32, (4, 16))
+        _, loss = model(x, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for layer in model.hidden_layers():
+            assert (layer.weight.grad[~layer.mask] == 0).all()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+    for layer in model.hidden_layers():
+        assert (layer.weight[~layer.mask] == 0).all()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k in sd if k.endswith("mlp.up.weight"))
+    sd[key].fill_(1.0)  # a state dict with non-zero masked entries
+    model.load_state_dict(sd)
+    up = model.blocks[0].mlp.up
+    assert (up.weight[~up.mask] == 0).all() and (up.weight[up.mask] == 1).all()

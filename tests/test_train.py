@@ -43,6 +43,18 @@ def test_diverging_lr_is_reported_not_raised(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["final_val_loss"] is None
 
 
+def test_a_run_that_starts_above_the_ceiling_is_not_called_diverged():
+    # alpha_output 64 gives logits far from uniform at init: loss ~ 3x ln(vocab) at step 1.
+    # That is a bad start, not a divergence: the run must train, and the proxy search must see
+    # its real final loss (a step-1 'divergence' used to hide such points from TPE).
+    cfg = tiny_config(param__alpha_output=64.0, model__init_std=0.2, train__steps=30,
+                      optim__lr=0.01)
+    m = train.run(cfg)
+    assert m["curve"][0]["train_loss"] > 1.5 * math.log(64)  # above the default ceiling
+    assert m["diverged"] is False and m["steps"] == 30
+    assert m["final_val_loss"] < m["curve"][0]["train_loss"]
+
+
 def test_same_seed_same_losses_different_seed_different():
     a = train.run(tiny_config(seed=3, model__density=0.5, train__steps=20))
     b = train.run(tiny_config(seed=3, model__density=0.5, train__steps=20))

@@ -116,6 +116,9 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
     from omegaconf.errors import OmegaConfBaseException
 
     def main() -> None:
+        from spartune.train import flush_denormals
+
+        flush_denormals()  # before any torch op starts the thread pool (train.flush_denormals)
         root = project_dir()
         _check_group_choices(sys.argv[1:], root / "conf")
         _check_config_name(sys.argv[1:], root)

@@ -114,8 +114,9 @@ class TrainConfig:
     seq_len: int = 64
     eval_every: int = 50
     eval_batches: int = 8
-    # A run whose train loss is NaN/inf or above this stops early and is reported diverged.
-    # None: 1.5 * ln(vocab_size), half again the loss of a uniform guess.
+    # A run whose train loss is NaN/inf, or above this and 1.5x its loss at initialization,
+    # stops early and is reported diverged. None: 1.5 * ln(vocab_size), half again the loss of
+    # a uniform guess.
     loss_ceiling: float | None = None
     device: str = "auto"  # auto (CUDA if present) | cpu | cuda
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default

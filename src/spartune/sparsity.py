@@ -6,13 +6,22 @@ mask is a bool *buffer* of the layer, so `state_dict`, `.to(device)` and checkpo
 SUPAR.md §2.3). It is drawn on the CPU from a seeded generator, so the same seed gives the same
 mask on any device.
 
-Why masked weights stay exactly zero with no extra code: the forward pass uses W ⊙ M, so
-autograd's gradient at a masked entry is exactly 0; AdamW's moments of a zero gradient stay
-exactly 0 and its update there is 0/(sqrt(0)+eps) = 0; decoupled weight decay multiplies the
-entry, which `SparseLinear` zeroes at init, so 0 stays 0. Tests check all three.
+Why masked weights stay exactly zero, and why the forward pass can use W itself: `SparseLinear`
+zeroes the masked entries at init (and on `load_state_dict`), so W == W ⊙ M bit for bit and
+the forward computes X W^T with no product and no extra autograd node. The gradient is masked
+instead: a post-accumulate-grad hook multiplies W.grad by M in place as soon as backward has
+written it, i.e. before gradient clipping and the optimizer see it, and gives exactly the
+gradient of X (W ⊙ M)^T (the product's backward is the same `grad * M`). So the gradient at a
+masked entry is exactly 0; AdamW's moments of a zero gradient stay exactly 0 and its update
+there is 0/(sqrt(0)+eps) = 0; decoupled weight decay multiplies the entry, 0 stays 0. Tests
+check all of it. Cost: one in-place multiply per masked layer per step, instead of an
+out-of-place product in forward plus another in backward (benchmarks/mask_overhead.py).
 """
 
 from __future__ import annotations
+
+import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +87,18 @@ class SparseLinear(nn.Linear):
         if mask is not None and bool(mask.all()):
             mask = None  # density 1: no buffer, no per-step multiply
         self.register_buffer("mask", mask)
+        if mask is not None:
+            # A weak reference: the hook lives on the parameter, which the module owns; it reads
+            # `self.mask` at call time so that `.to(device)` (which replaces the buffer) is seen.
+            ref = weakref.ref(self)
+
+            def mask_grad(param: Tensor) -> None:
+                layer = ref()
+                if layer is not None and layer.mask is not None and param.grad is not None:
+                    param.grad.mul_(layer.mask)
+
+            self.weight.register_post_accumulate_grad_hook(mask_grad)
+            self.register_load_state_dict_post_hook(_zero_masked_after_load)
 
     @torch.no_grad()
     def init_(self, std: float, generator: torch.Generator | None = None) -> None:
@@ -89,8 +110,15 @@ class SparseLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight if self.mask is None else self.weight * self.mask
-        return F.linear(x, w, self.bias)
+        # W's masked entries are exactly 0 (module docstring), so W is W ⊙ M; the gradient is
+        # masked by the hook registered in __init__.
+        return F.linear(x, self.weight, self.bias)
+
+    @torch.no_grad()
+    def apply_mask_(self) -> None:
+        """Zero the masked entries of W: for code that writes weights directly."""
+        if self.mask is not None:
+            self.weight.mul_(self.mask)
 
     def nonzero(self) -> int:
         """Weights that can be non-zero (the mask's count), for n_nonzero_params."""
@@ -98,6 +126,12 @@ class SparseLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, role={self.role}, density={self.density:g}"
+
+
+def _zero_masked_after_load(module: nn.Module, incompatible: Any) -> None:
+    """A loaded state dict could carry non-zero masked entries (e.g. written by other code)."""
+    if isinstance(module, SparseLinear):
+        module.apply_mask_()
 
 
 def expected_fan_in(d_in: int, density: float, kind: str = "per_row") -> float:

@@ -543,6 +543,9 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
 
 
 def _worker_entry(cfg: Config, worker: int) -> None:
+    from spartune.train import flush_denormals
+
+    flush_denormals()  # before torch starts its thread pool in this fresh process
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # The parent stops its workers with SIGTERM on Ctrl-C: end the trial as FAIL, cleanly.
