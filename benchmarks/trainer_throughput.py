@@ -14,6 +14,11 @@ same `Corpus` (synthetic, vocab 256) with `train_batch`, so data costs are equal
 torch threads fixed to 2 on both sides. Sides alternate A B A B; the figure per width is the
 median of the per-round ratios. The last line reports the minimum over widths.
 
+Optimizer implementation: spartune builds AdamW with torch's fused kernel where the device has
+one (`train.make_adamw`); the plain loop uses `torch.optim.AdamW`'s default (foreach), as a
+hand-written loop would. Same update rule and hyperparameters; the kernel is part of what
+spartune's step costs, so it counts.
+
 Denormals: by default the process runs with flush-to-zero (`torch.set_flush_denormal(True)`
 before any torch op, so torch's worker threads inherit it). Without it, the plain loop (SP
 numerics: one LR for every layer, unscaled logits) drifts into denormal floats at width 512

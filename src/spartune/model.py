@@ -41,7 +41,8 @@ class Embedder(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)
-        return self.mult * (self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx) + self.wpe(pos)
+        return x if self.mult == 1.0 else self.mult * x  # alpha 1: no op to pay for
 
 
 class Attention(nn.Module):
@@ -112,7 +113,12 @@ class Unembed(nn.Module):
         _tag(self, "output")
 
     def forward(self, h: Tensor) -> Tensor:
-        return F.linear(h * self.mult, self.weight)
+        # A scalar commutes with the matmul: scale whichever side is smaller (width or vocab).
+        if self.mult == 1.0:
+            return F.linear(h, self.weight)
+        if h.shape[-1] <= self.weight.shape[0]:
+            return F.linear(h * self.mult, self.weight)
+        return F.linear(h, self.weight) * self.mult
 
 
 class GPT(nn.Module):

@@ -95,7 +95,9 @@ class SparseLinear(nn.Linear):
             def mask_grad(param: Tensor) -> None:
                 layer = ref()
                 if layer is not None and layer.mask is not None and param.grad is not None:
-                    param.grad.mul_(layer.mask)
+                    # The bool mask viewed as uint8 (no copy): float * uint8 ran 2.5x faster
+                    # than float * bool on the benchmark CPU (benchmarks/mask_overhead.py).
+                    param.grad.mul_(layer.mask.view(torch.uint8))
 
             self.weight.register_post_accumulate_grad_hook(mask_grad)
             self.register_load_state_dict_post_hook(_zero_masked_after_load)
