@@ -190,7 +190,7 @@ class Bracket:
     x: str
     param: str
     density: float
-    lo: int = -16  # log2 bounds the search never leaves
+    lo: int = -16  # log2 bounds the search never leaves (main() sets them per HP)
     hi: int = 0
     rounds: int = 0
     names: list[str] = field(default_factory=list)
@@ -488,9 +488,9 @@ def main() -> None:
     # that cell once, as supar, and read it for mup too (`with_mup_dense`).
     cells = [(pm, d) for pm in scale.params for d in scale.densities
              if not (pm == "mup" and d == 1.0 and "supar" in scale.params)]
-    brackets = {x: [Bracket(x, pm, d) for pm, d in cells] for x in ("lr", "init_std")}
-    brackets["init_std"] = [Bracket("init_std", b.param, b.density, lo=-12, hi=2)
-                            for b in brackets["init_std"]]
+    bounds = {"lr": (-16, 0), "init_std": (-12, 2)}  # log2 ranges a bracket never leaves
+    brackets = {x: [Bracket(x, pm, d, lo=lo, hi=hi) for pm, d in cells]
+                for x, (lo, hi) in bounds.items()}
     jobs: list[Job] = []
     if "lr" in scale.criteria:  # SμPar's cells first: the headline, seen early in the logs
         jobs += stability_jobs("lr", out, cache, scale, hps,

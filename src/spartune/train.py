@@ -53,12 +53,12 @@ def flush_denormals() -> None:
 
     Why: on x86 CPUs every op that reads or writes a denormal (|x| < 1.2e-38) takes a
     microcode slow path, and SμPar training produces them (tiny gradients squared in AdamW's
-    second moment, decaying moments of rows that get no gradient). Measured on the benchmark
-    machine: a width-128 SμPar run took 270 ms/step with denormals kept and 31 ms/step flushed
-    (benchmarks/README.md). Flushing changes only values below 1.2e-38, which are 0 to every
-    figure spartune reports; same seed, same losses still holds. torch's setting is per thread and
-    worker threads inherit it when they start, so the entry points (CLI, sweep workers) call this
-    before any torch op; `run` calls it too, which covers the main thread of library use.
+    second moment, decaying moments of rows that get no gradient). `benchmarks/mask_overhead.py
+    --denormals keep` (vs the default flush) shows what they cost. Flushing changes only values
+    below 1.2e-38, which are 0 to every figure spartune reports; same seed, same losses still
+    holds. torch's setting is per thread and worker threads inherit it when they start, so the
+    entry points (CLI, sweep workers) call this before any torch op; `run` calls it too, which
+    covers the main thread of library use.
     """
     torch.set_flush_denormal(True)
 
@@ -117,10 +117,10 @@ def make_adamw(groups: list[dict], o: Any, device: torch.device) -> torch.optim.
     """AdamW, fused into one kernel per step where torch has one for the device.
 
     Why: the default (foreach) AdamW launches several ops per parameter group and step; the
-    fused kernel does the whole update in one pass. On the 2-core benchmark CPU it took 3.0 ms
-    against 9.5 ms per step for 2M parameters (benchmarks/trainer_throughput.py measures the
-    effect on whole runs). Same math, and same seed still gives the same losses; a torch
-    without a fused kernel for this device gets the default implementation.
+    fused kernel does the whole update in one pass (benchmarks/trainer_throughput.py measures
+    the effect on whole runs against a plain loop on the default AdamW). Same math, and same
+    seed still gives the same losses; a torch without a fused kernel for this device gets the
+    default implementation.
     """
     kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     if device.type in ("cpu", "cuda"):
