@@ -11,7 +11,8 @@ then prints one line per criterion with the measured figure and pass/fail:
               the parabola vertex through the minimum and its neighbours (analysis.optima).
               Spread across densities: SμPar <= 0.5 octave; SP >= 2 octaves (the problem the
               tool exists to fix); µP reported (paper Figs 1, 6).
-  2. init     the same for sigma_base with 100-step runs (paper Fig. 7, footnote 4).
+  2. init     the same for sigma_base with 100-step runs of 8 sequences (paper Fig. 7, footnote
+              4, Table 4), judged on the same 128 held-out sequences as the LR runs.
   3. coord    `spartune-coord` at the paper's Fig. 5 settings (Table 4: sigma 0.101,
               alpha_in 11.22, alpha_out 1, constant LR 1.62e-2, 10 steps): mean |activation|
               of attention and MLP outputs across widths 64..512 and densities 1..1/64, worst
@@ -67,6 +68,8 @@ class Scale:
     proxy_width: int = 64  # the dense proxy; also base_width everywhere (m_d = width / 64)
     steps: int = 300  # LR stability run length (16 x 64 bytes per step)
     init_steps: int = 100  # init stability run length (short, as the paper's Fig. 7)
+    init_batch: int = 8  # sequences per step in init runs: the paper's Fig. 7 batch (Table 4)
+    init_eval_batches: int = 16  # so init runs are judged on the same 128 held-out sequences
     params: tuple[str, ...] = ("supar", "sp", "mup")
     densities: tuple[float, ...] = (1.0, 0.25, 0.0625, 0.015625)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -230,12 +233,14 @@ def _bracket_job(x: str, out: Path, cache: Path, scale: Scale, hps: dict[str, fl
     b.names.append(name)
     b.rounds += 1
     cn = "lr_stability" if x == "lr" else "sigma_stability"
-    steps = scale.steps if x == "lr" else scale.init_steps
+    run = ([f"train.steps={scale.steps}"] if x == "lr" else
+           [f"train.steps={scale.init_steps}", f"train.batch_size={scale.init_batch}",
+            f"train.eval_batches={scale.init_eval_batches}"])
     argv = [str(BIN / "spartune-sweep"), "-cn", cn, *common(out, cache), *hp_overrides(hps),
             f"study.name={name}", f"study.params=[{b.param}]",
             f"study.densities=[{b.density!r}]", f"study.seeds={fmt_list(scale.seeds)}",
             f"study.widths=[{scale.width}]", f"model.width={scale.width}",
-            f"model.base_width={scale.proxy_width}", f"train.steps={steps}",
+            f"model.base_width={scale.proxy_width}", *run,
             "study.workers=1", "train.threads=1",
             f"study.space.{x}={{values:{fmt_list([2.0**o for o in octaves])}}}"]
 

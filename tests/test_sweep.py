@@ -184,3 +184,29 @@ def test_empty_data_file_is_one_line(workdir):
     (workdir / "empty.txt").write_text("")
     r = cli("spartune-train", "data=text", "data.path=empty.txt", "train=smoke", cwd=workdir)
     assert r.returncode == 2 and r.stderr.startswith("spartune: error: data.path:")
+
+
+def test_worker_start_forks_only_when_the_child_stays_single_threaded(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPARTUNE_WORKER_START", raising=False)
+    cfg = grid_cfg(tmp_path, workers=2)
+    cfg.train.threads = 1
+    assert sweep.worker_context(cfg).get_start_method() == "fork"
+    cfg.train.threads = 2  # GNU OpenMP's pool does not survive fork: a 2-thread child hangs
+    assert sweep.worker_context(cfg).get_start_method() == "spawn"
+    monkeypatch.setenv("SPARTUNE_WORKER_START", "spawn")
+    cfg.train.threads = 1
+    assert sweep.worker_context(cfg).get_start_method() == "spawn"
+
+
+def test_forked_worker_tags_its_trials_with_its_own_pid(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPARTUNE_WORKER_START", raising=False)
+    cfg = grid_cfg(tmp_path, workers=2, densities=[1.0])
+    cfg.study.space = {"lr": SearchDim(values=[2.0**-k for k in range(5, 13)])}  # 8 points
+    cfg.train.threads, cfg.train.steps = 1, 20
+    res = sweep.sweep(cfg)
+    assert res["finished"] == 8 and res["worker_failures"] == 0
+    study = optuna.load_study(study_name="g/supar/w32/d1/s0", storage=sweep.open_storage(cfg))
+    pids = [int(t.user_attrs["worker"].split(":")[1]) for t in study.trials]
+    in_child = [p for p in pids if p != os.getpid()]
+    # a child tagged with its parent's pid would look alive after a crash and never be recovered
+    assert len(in_child) == 8 - res["ran_here"] > 0

@@ -416,7 +416,11 @@ def _proc_start(pid: int) -> str:
         return ""
 
 
-OWNER = f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid())}"
+def owner() -> str:
+    """This process as `host:pid:start`, read afresh so a forked worker names itself, not its
+    parent (a trial tagged with a live parent's pid would never be recovered)."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_proc_start(pid)}"
 
 
 def _owner_alive(owner: str | None) -> bool:
@@ -502,12 +506,17 @@ def checkpoint_path(cfg: Config, cell: Cell, params: dict[str, Any]) -> Path | N
     return study_dir(cfg) / "checkpoints" / cell.key.replace("/", "_") / f"{tag}.pt"
 
 
+def worker_threads(cfg: Config) -> int:
+    """Intra-op threads per worker: `train.threads`, else the cores shared out among the local
+    workers, so N workers never oversubscribe the machine."""
+    return cfg.train.threads or max(1, (os.cpu_count() or 1) // cfg.study.workers)
+
+
 def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
     """Run trials cell by cell until every cell's budget is spent; return trials run here."""
-    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // cfg.study.workers)
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(worker_threads(cfg))
     storage = open_storage(cfg)
     total, grid, start = budget(cfg), cfg.study.sampler == "grid", time.monotonic()
     ran = 0
@@ -526,7 +535,7 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
                     # one alive below exactly as optimize does.
                     warnings.filterwarnings("ignore", message="Heartbeat of storage")
                     trial = study.ask()
-                trial.set_user_attr("worker", OWNER)
+                trial.set_user_attr("worker", owner())
                 if grid and "retry_of" not in trial.user_attrs and _duplicate(study, trial):
                     # only across machines (no shared lock): two workers took the last point
                     trial.set_user_attr("surplus", True)
@@ -540,6 +549,30 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
             if progress is not None:
                 progress(study)
     return ran
+
+
+def worker_context(cfg: Config) -> Any:
+    """How local workers start: fork where it is safe, spawn otherwise.
+
+    A spawned worker imports torch, Optuna and spartune afresh (3-5 s on a small CPU), which
+    on a proxy sweep of 2-4 s trials costs a worker one or two trials' worth of time. A forked
+    worker starts at once with everything imported. Fork is safe here only when
+    - the platform has it (Linux; macOS's fork is unsafe with its system frameworks),
+    - each worker runs one intra-op thread: GNU OpenMP's thread pool does not survive fork, and
+      a forked child that enters a parallel region with more than one thread hangs,
+    - CUDA is not initialised in this process (a forked child cannot use it).
+    `SPARTUNE_WORKER_START=fork|spawn` overrides the choice.
+    Storages are opened afresh in each worker (`run_worker`), never shared across the fork.
+    """
+    forced = os.environ.get("SPARTUNE_WORKER_START", "")
+    if forced in ("fork", "spawn"):
+        return mp.get_context(forced)
+    can_fork = sys.platform.startswith("linux") and worker_threads(cfg) == 1
+    if can_fork and "torch" in sys.modules:
+        import torch
+
+        can_fork = not torch.cuda.is_initialized()
+    return mp.get_context("fork" if can_fork else "spawn")
 
 
 def _worker_entry(cfg: Config, worker: int) -> None:
@@ -589,10 +622,14 @@ def sweep(cfg: Config) -> dict[str, Any]:
              cfg.study.name, len(cells(cfg.study)), budget(cfg), n_total, done0,
              storage_url(cfg))
     procs = []
-    ctx = mp.get_context("spawn")
+    ctx = worker_context(cfg)
     for w in range(1, cfg.study.workers):
         p = ctx.Process(target=_worker_entry, args=(cfg, w), daemon=False)
-        p.start()
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns on fork from a threaded process; worker_context only forks
+            # when the child stays single-threaded in OpenMP and CUDA is untouched.
+            warnings.filterwarnings("ignore", ".*use of fork", DeprecationWarning)
+            p.start()
         procs.append(p)
     bar = _bar(n_total, done0, cfg)
 
