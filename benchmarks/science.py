@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,7 @@ class Scale:
     transfer_densities: tuple[float, ...] = (0.25, 0.0625)
     transfer_octaves: tuple[float, ...] = (-1.0, -0.5, 0.5, 1.0)
     criteria: tuple[str, ...] = ("lr", "init", "coord", "transfer", "frontier")
+    overrides: tuple[str, ...] = ()  # extra Hydra overrides for every job (--set)
 
 
 QUICK = Scale(width=64, steps=100, params=("sp", "supar"), densities=(1.0, 0.0625),
@@ -112,14 +113,19 @@ class Job:
     log: Path | None = field(default=None, repr=False)
 
 
-def run_jobs(jobs: list[Job], slots: int, logs: Path) -> list[tuple[str, int]]:
-    """Run jobs `slots` at a time; when one ends, its `then` may add more. Returns failures."""
+def run_jobs(jobs: list[Job], slots: int, logs: Path,
+             extra: tuple[str, ...] = ()) -> list[tuple[str, int]]:
+    """Run jobs `slots` at a time; when one ends, its `then` may add more. Returns failures.
+
+    `extra` (the `--set` overrides) goes last on every command line, so it wins.
+    """
     logs.mkdir(parents=True, exist_ok=True)
     queue, running, failed = list(jobs), [], []
     while queue or running:
         while queue and len(running) < slots:
             job = queue.pop(0)
             job.log = logs / (job.name.replace("/", "_") + ".log")
+            job.argv = [*job.argv, *extra]
             with open(job.log, "a") as fh:
                 fh.write("$ " + " ".join(job.argv) + "\n")
                 fh.flush()
@@ -175,7 +181,7 @@ def tune_proxy(out: Path, cache: Path, scale: Scale, slots: int) -> dict[str, fl
             "study.name=proxy", f"study.n_trials={scale.proxy_trials}",
             f"study.workers={slots}", f"model.width={scale.proxy_width}",
             f"model.base_width={scale.proxy_width}", f"study.widths=[{scale.proxy_width}]"]
-    failed = run_jobs([Job("proxy", argv)], 1, out / "logs")
+    failed = run_jobs([Job("proxy", argv)], 1, out / "logs", scale.overrides)
     trials = read_trials(out, ["proxy"])
     if failed or trials.empty:
         sys.exit(f"science: the proxy sweep failed; see {out / 'logs' / 'proxy.log'}")
@@ -463,11 +469,29 @@ def main() -> None:
                    help="run nothing: judge and plot what --out already holds")
     p.add_argument("--reference", type=Path, default=None,
                    help="copy the figures and small tables here (e.g. results/reference)")
+    p.add_argument("--criteria", nargs="+", choices=Scale().criteria, default=None,
+                   help="run and judge only these (default: all five; --quick: lr coord)")
+    p.add_argument("--params", nargs="+", choices=Scale().params, default=None,
+                   help="parameterizations to run (default: supar sp mup)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="Hydra overrides for every job, e.g. "
+                        "optim.wd_independent_of_lr_mult=true (what-if runs; use a new --out)")
+    p.add_argument("--proxy-from", type=Path, default=None, metavar="DIR",
+                   help="reuse the finished proxy study of an earlier run's --out DIR instead "
+                        "of tuning a new one (what-if runs on the same HPs)")
     a = p.parse_args()
     scale = QUICK if a.quick else Scale()
+    scale = replace(scale, criteria=tuple(a.criteria or scale.criteria),
+                    params=tuple(a.params or scale.params), overrides=tuple(a.set))
     out = (a.out or ROOT / "results" / ("science_quick" if a.quick else "science")).resolve()
     cache = (ROOT / "results" / ".cache").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if a.proxy_from is not None:
+        src = a.proxy_from.resolve() / "proxy"
+        if not (src / "trials.csv").is_file():
+            sys.exit(f"science: --proxy-from: no finished proxy study in {src}; run the full "
+                     "benchmark there first")
+        shutil.copytree(src, out / "proxy", dirs_exist_ok=True)  # resumes as finished
     tic = time.perf_counter()
     stamp = lambda: f"[{(time.perf_counter() - tic) / 60:5.1f} min]"  # noqa: E731
     print(f"science benchmark: {'quick' if a.quick else 'full'}, {a.jobs} jobs at once, "
@@ -504,7 +528,7 @@ def main() -> None:
         jobs += transfer_jobs(out, cache, scale)
     if "init" in scale.criteria:
         jobs += stability_jobs("init_std", out, cache, scale, hps, brackets["init_std"])
-    failed = [] if a.report_only else run_jobs(jobs, a.jobs, out / "logs")
+    failed = [] if a.report_only else run_jobs(jobs, a.jobs, out / "logs", scale.overrides)
     if a.report_only:  # the study folders that exist, whatever rounds they came from
         for x, bs in brackets.items():
             for b in bs:
@@ -519,7 +543,7 @@ def main() -> None:
             jobs.append(coord_job(out, cache, scale, hps, a.jobs, name="coord_tuned",
                                   params=("supar",), seeds=(0, 1, 2)))
         # exit code 1 is the check's own verdict, read from its csv below
-        failed += [f for f in run_jobs(jobs, 1, out / "logs") if f[1] != 1]
+        failed += [f for f in run_jobs(jobs, 1, out / "logs", scale.overrides) if f[1] != 1]
         print(f"{stamp()} coordinate check done", flush=True)
 
     print("\n# results")
@@ -549,9 +573,6 @@ def main() -> None:
             lr_trials = trials
     if "coord" in scale.criteria:
         results["coord"], tables["coord_spreads"] = coord_line(out)
-        fig = out / "coord" / "figures" / "coord_check.png"
-        if fig.is_file():
-            figs.append(fig)
     if "transfer" in scale.criteria:
         t_trials = read_trials(out, [j.name for j in transfer_jobs(out, cache, scale)])
         results["transfer"], tables["transfer_regret"] = transfer_line(t_trials)

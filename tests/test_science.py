@@ -71,6 +71,24 @@ def test_frontier_pairs_seeds_and_calls_a_small_gap_noise():
     assert not science.frontier(worse).iloc[0]["within_noise_or_better"]
 
 
+def test_set_overrides_go_last_on_every_job(tmp_path: Path) -> None:
+    echo = [sys.executable, "-c", "import sys; print(sys.argv[1:])"]
+    jobs = [science.Job(f"j{i}", [*echo, "optim.lr=0.1"]) for i in range(2)]
+    failed = science.run_jobs(jobs, 2, tmp_path, extra=("optim.lr=0.2",))
+    assert failed == []
+    for i in range(2):  # Hydra takes the last value of a key: the user's --set wins
+        assert "['optim.lr=0.1', 'optim.lr=0.2']" in (tmp_path / f"j{i}.log").read_text()
+
+
+def test_proxy_from_without_a_finished_proxy_is_one_line(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "science.py"),
+                          "--proxy-from", str(tmp_path / "nowhere"), "--out",
+                          str(tmp_path / "what_if")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().count("\n") == 0 and "--proxy-from" in out.stderr, out.stderr
+    assert not (tmp_path / "what_if" / "proxy").exists()
+
+
 @pytest.mark.slow
 def test_quick_science_run_shows_the_effects(tmp_path: Path) -> None:
     env = {**os.environ, "MPLBACKEND": "Agg"}

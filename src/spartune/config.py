@@ -95,9 +95,12 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1  # on >= 2-D weights only
-    # False: PyTorch AdamW, decay per step = lr_group * wd, so it scales with the group's LR
-    # multiplier (as in nanoGPT-mup). True: decay per step = eta_base * wd in every group.
-    wd_independent_of_lr_mult: bool = False
+    # True (default): decay per step = eta_base * wd in every group, as the dense proxy had it
+    # (microsoft/mup's MuAdamW scales wd by the width multiplier to the same end). False:
+    # PyTorch AdamW as nanoGPT-mup uses it, decay per step = lr_group * wd, which under SμPar is
+    # 1/(m_d m_rho) times the proxy's (32x at width 128, density 1/64) and, measured by
+    # benchmarks/science.py, moves SμPar's LR and init optima at low density (README).
+    wd_independent_of_lr_mult: bool = True
     grad_clip: float = 1.0  # global norm; 0 disables
     # linear (the paper's: warm-up, then linear down to min_lr_frac) | cosine | constant
     schedule: str = "linear"
