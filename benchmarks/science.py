@@ -494,8 +494,14 @@ def main() -> None:
         shutil.copytree(src, out / "proxy", dirs_exist_ok=True)  # resumes as finished
     tic = time.perf_counter()
     stamp = lambda: f"[{(time.perf_counter() - tic) / 60:5.1f} min]"  # noqa: E731
-    print(f"science benchmark: {'quick' if a.quick else 'full'}, {a.jobs} jobs at once, "
-          f"{os.cpu_count()} cores, results in {out}", flush=True)
+    kind = "quick" if a.quick else "full"
+    if scale.criteria != (QUICK if a.quick else Scale()).criteria or a.params or a.set \
+            or a.proxy_from:
+        kind = (f"what-if: criteria {' '.join(scale.criteria)}; params {' '.join(scale.params)}"
+                + (f"; set {' '.join(a.set)}" if a.set else "")
+                + (f"; proxy from {a.proxy_from}" if a.proxy_from else ""))
+    print(f"science benchmark ({kind}), {a.jobs} jobs at once, {os.cpu_count()} cores, "
+          f"results in {out}", flush=True)
 
     if a.report_only:
         hps = dict(QUICK_HPS)
