@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,8 +76,9 @@ def worker_start_seconds() -> float:
     return secs
 
 
-def trial_seconds(threads: int, steps: int, rounds: int) -> float:
-    """Median wall time of one of the study's trials run bare with `threads` intra-op threads."""
+def trial_seconds(threads: int, steps: int) -> Callable[[], float]:
+    """A side for `alternate`: the wall time of one of the study's trials run bare (no sweep)
+    with `threads` intra-op threads."""
     def fn() -> float:
         torch.set_num_threads(threads)
         cfg = bench_config(width=64, steps=steps, eval_every=max(1, steps // 3), eval_batches=2,
@@ -116,8 +118,8 @@ def main() -> None:
         res = alternate({"parallel": side(a.workers), "serial": side(1)}, rounds, warmup=0)
     cores = os.cpu_count() or 1
     per_worker = max(1, cores // a.workers)
-    trial = alternate({"all": trial_seconds(cores, steps, rounds),
-                       "per_worker": trial_seconds(per_worker, steps, rounds)}, rounds, warmup=0)
+    trial = alternate({"all": trial_seconds(cores, steps),
+                       "per_worker": trial_seconds(per_worker, steps)}, rounds, warmup=0)
     torch.set_num_threads(cores)
     t_all, t_one = median(trial["all"]), median(trial["per_worker"])
     ceiling = a.workers * t_all / t_one
