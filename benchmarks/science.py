@@ -4,11 +4,14 @@ Runs the paper's protocol (SUPAR.md §3) through spartune's own commands on the 
 then prints one line per criterion with the measured figure and pass/fail:
 
   0. tune     `spartune-sweep -cn proxy`: TPE + median pruning over (eta, sigma, alpha_in,
-              alpha_out) on a dense width-64 proxy. Everything below uses its winner, as the
-              paper uses its proxy's HPs for every figure (Table 3 / Table 4).
+              alpha_out) on a dense width-64 proxy, one seeded worker (reproducible). Everything
+              below uses its winner, as the paper uses its proxy's HPs for every figure (Table 3
+              / Table 4).
   1. lr       `spartune-sweep -cn lr_stability` per (param, density): seed-mean loss on a
-              one-octave log2(eta) grid that is extended until the minimum is bracketed, then
-              the parabola vertex through the minimum and its neighbours (analysis.optima).
+              one-octave log2(eta) grid, extended until the minimum is bracketed, then refined
+              with half-octave points towards the lower neighbour; the optimum is the parabola
+              vertex through the minimum and its nearest neighbours (analysis.optima). Each
+              sparser cell starts at the next denser cell's optimum (continuation).
               Spread across densities: SμPar <= 0.5 octave; SP >= 2 octaves (the problem the
               tool exists to fix); µP reported (paper Figs 1, 6).
   2. init     the same for sigma_base with 100-step runs of 8 sequences (paper Fig. 7, footnote
@@ -24,8 +27,9 @@ then prints one line per criterion with the measured figure and pass/fail:
               is SμPar best, or within noise (2 paired standard errors over seeds), at every
               density? (paper Fig. 8: 0.8% better than SP on average)
 
-Work runs as independent jobs (one `spartune-sweep` / `spartune-transfer` process per cell
-group, one torch thread each), `--jobs` at a time. Each job has its own study folder under
+Work runs as independent jobs (one `spartune-sweep` / `spartune-transfer` / `spartune-coord`
+process per cell round, one torch thread each), `--jobs` at a time; the coordinate check at the
+paper's settings runs beside the proxy search. Each job has its own study folder under
 `--out`, so the benchmark resumes: a rerun skips every finished trial. Job logs are in
 `<out>/logs/`. `--reference DIR` copies the figures and small tables there (the README's).
 
@@ -175,16 +179,26 @@ def read_trials(out: Path, names: list[str]) -> pd.DataFrame:
 # -- criterion 0: the proxy ---------------------------------------------------------------------
 
 
-def tune_proxy(out: Path, cache: Path, scale: Scale, slots: int) -> dict[str, float]:
-    """TPE on the dense proxy (`sweeps/proxy.yaml`); the best trial's HPs."""
+def proxy_job(out: Path, cache: Path, scale: Scale) -> Job:
+    """TPE on the dense proxy (`sweeps/proxy.yaml`), one process and one thread.
+
+    One worker, so the seeded TPE sampler proposes the same trials in the same order on every
+    run and the benchmark is reproducible: with two workers the order trials finish in decides
+    what TPE proposes next, and two runs found HPs a third of an octave (LR) to a full octave
+    (init std) apart. The coordinate check at the paper's settings uses the other core meanwhile.
+    """
     argv = [str(BIN / "spartune-sweep"), "-cn", "proxy", *common(out, cache),
             "study.name=proxy", f"study.n_trials={scale.proxy_trials}",
-            f"study.workers={slots}", f"model.width={scale.proxy_width}",
+            "study.workers=1", "train.threads=1", f"model.width={scale.proxy_width}",
             f"model.base_width={scale.proxy_width}", f"study.widths=[{scale.proxy_width}]"]
-    failed = run_jobs([Job("proxy", argv)], 1, out / "logs", scale.overrides)
+    return Job("proxy", argv)
+
+
+def proxy_hps(out: Path) -> dict[str, float]:
+    """The best proxy trial's HPs (and its loss as `proxy_loss`); {} if it has none."""
     trials = read_trials(out, ["proxy"])
-    if failed or trials.empty:
-        sys.exit(f"science: the proxy sweep failed; see {out / 'logs' / 'proxy.log'}")
+    if trials.empty or not (trials["state"] == "COMPLETE").any():
+        return {}
     chosen = select_hps(trials, select="best", hps=list(HPS), source="proxy")
     return {h: float(chosen[h]) for h in HPS} | {"proxy_loss": float(chosen["proxy_loss"])}
 
@@ -194,24 +208,41 @@ def tune_proxy(out: Path, cache: Path, scale: Scale, slots: int) -> dict[str, fl
 
 @dataclass
 class Bracket:
-    """One (param, density) cell of a stability sweep over x = lr or init_std."""
+    """One (param, density) cell of a stability sweep over x = lr or init_std.
+
+    Rounds of grid points run until the seed-mean minimum is bracketed on a one-octave grid,
+    then refined with half-octave points (`next_points`). A cell with `after` set starts where
+    that cell's optimum was (the next denser cell of the same parameterization): continuation,
+    so SP's and µP's drifting optima need fewer extension rounds (the bracket logic, not the
+    start, decides where the optimum is).
+    """
 
     x: str
     param: str
     density: float
     lo: int = -16  # log2 bounds the search never leaves (main() sets them per HP)
     hi: int = 0
+    refine: bool = True
+    after: Bracket | None = field(default=None, repr=False)
     rounds: int = 0
     names: list[str] = field(default_factory=list)
+    dependents: list[Bracket] = field(default_factory=list, repr=False)
 
-    def next_points(self, trials: pd.DataFrame) -> list[int]:
-        """Octaves to add so that the seed-mean minimum has a tried neighbour on each side.
+    def next_points(self, trials: pd.DataFrame) -> list[float]:
+        """log2 points to add next; [] when the cell is done.
 
-        A point where a seed diverged or failed counts as worse than any finite one (it
-        brackets the minimum); if every point so far diverged, step down.
+        1. Bracket: while the seed-mean minimum is the smallest or largest value tried, add one
+           octave beyond it. A point where a seed diverged or failed counts as worse than any
+           finite one (it brackets the minimum); if every point so far diverged, step down.
+        2. Refine: once bracketed, add the point half an octave from the minimum towards its
+           lower neighbour (where the parabola's vertex lies), until that neighbour is within
+           half an octave. One octave apart, the parabola through the minimum and its
+           neighbours is skewed by the loss curve's asymmetry (steep above the optimum, where
+           training starts to diverge) by a few tenths of an octave (SUPAR.md §3.4 uses
+           finer grids); the issue asks for a half-octave grid or a quadratic fit.
         """
         col = f"log2_{self.x}"
-        tried = sorted({int(round(v)) for v in trials[col].dropna()})
+        tried = sorted({round(float(v), 6) for v in trials[col].dropna()})
         if not tried:
             return []
         grid = analysis.loss_grid(trials, self.x, by=["param", "density"])
@@ -219,29 +250,75 @@ class Bracket:
         if ok.empty:
             new = [tried[0] - 1]
         else:
-            best = int(round(ok.loc[ok["mean"].idxmin(), col]))
+            best = round(float(ok.loc[ok["mean"].idxmin(), col]), 6)
             new = ([best - 1] if best == tried[0] else []) + \
                   ([best + 1] if best == tried[-1] else [])
+            if not new and self.refine:
+                new = _refinement(best, tried, dict(zip(ok[col].round(6), ok["mean"],
+                                                        strict=True)))
         return [v for v in new if self.lo <= v <= self.hi and v not in tried]
+
+    def start(self, trials: pd.DataFrame, default: int) -> int:
+        """Where a dependent cell's first round is centred: this cell's fitted optimum."""
+        opt = analysis.optima(trials, self.x, by=["param", "density"]) if len(trials) else None
+        if opt is None or opt.empty or not np.isfinite(opt[f"fit_log2_{self.x}"].iloc[0]):
+            return default
+        return int(round(float(opt[f"fit_log2_{self.x}"].iloc[0])))
+
+
+def _refinement(best: float, tried: list[float], loss: dict[float, float]) -> list[float]:
+    """Half an octave from `best` towards its lower neighbour, unless one is that close already.
+
+    `loss` holds the seed means of the finite points; a diverged neighbour counts as +inf.
+    """
+    left = max(v for v in tried if v < best)
+    right = min(v for v in tried if v > best)
+    side = 1.0 if loss.get(right, math.inf) < loss.get(left, math.inf) else -1.0
+    gap = right - best if side > 0 else best - left
+    return [best + 0.5 * side] if gap > 0.5 + 1e-6 else []
+
+
+def chain(brackets: list[Bracket]) -> list[Bracket]:
+    """Link each param's cells from dense to sparse (continuation); return the roots.
+
+    µP's densest cell is SμPar's density-1 cell when µP has none of its own (`with_mup_dense`).
+    """
+    by_param: dict[str, list[Bracket]] = {}
+    for b in sorted(brackets, key=lambda b: -b.density):
+        by_param.setdefault(b.param, []).append(b)
+    dense_supar = next((b for b in by_param.get("supar", []) if b.density == 1.0), None)
+    for param, bs in by_param.items():
+        prev = dense_supar if param == "mup" and bs[0].density != 1.0 else None
+        for b in bs:
+            b.after = prev
+            if prev is not None:
+                prev.dependents.append(b)
+            prev = b
+    return [b for b in brackets if b.after is None]
 
 
 def stability_jobs(x: str, out: Path, cache: Path, scale: Scale, hps: dict[str, float],
                    brackets: list[Bracket]) -> list[Job]:
-    """Initial jobs of a stability sweep: the proxy's optimum and one octave each side."""
+    """First jobs of a stability sweep: each chain's densest cell, around the proxy's value.
+
+    The other cells start when the cell before them in their chain is done (`chain`).
+    """
     center = int(round(math.log2(hps[x])))
     return [_bracket_job(x, out, cache, scale, hps, b, [center - 1, center, center + 1])
-            for b in brackets]
+            for b in chain(brackets)]
 
 
 def _bracket_job(x: str, out: Path, cache: Path, scale: Scale, hps: dict[str, float],
-                 b: Bracket, octaves: list[int]) -> Job:
+                 b: Bracket, octaves: list[float]) -> Job:
     name = f"{x}/{b.param}/d{b.density:g}/r{b.rounds}"
     b.names.append(name)
     b.rounds += 1
     cn = "lr_stability" if x == "lr" else "sigma_stability"
-    run = ([f"train.steps={scale.steps}"] if x == "lr" else
-           [f"train.steps={scale.init_steps}", f"train.batch_size={scale.init_batch}",
-            f"train.eval_batches={scale.init_eval_batches}"])
+    steps = scale.steps if x == "lr" else scale.init_steps
+    run = [f"train.steps={steps}", f"train.eval_every={steps}"]  # judged on the final loss only
+    if x != "lr":
+        run += [f"train.batch_size={scale.init_batch}",
+                f"train.eval_batches={scale.init_eval_batches}"]
     argv = [str(BIN / "spartune-sweep"), "-cn", cn, *common(out, cache), *hp_overrides(hps),
             f"study.name={name}", f"study.params=[{b.param}]",
             f"study.densities=[{b.density!r}]", f"study.seeds={fmt_list(scale.seeds)}",
@@ -252,10 +329,12 @@ def _bracket_job(x: str, out: Path, cache: Path, scale: Scale, hps: dict[str, fl
 
     def then(job: Job, rc: int) -> list[Job]:
         trials = read_trials(out, b.names)
-        if trials.empty:
-            return []
-        new = b.next_points(trials)
-        return [_bracket_job(x, out, cache, scale, hps, b, new)] if new else []
+        new = b.next_points(trials) if not trials.empty else []
+        if new:
+            return [_bracket_job(x, out, cache, scale, hps, b, new)]
+        c = b.start(trials, default=int(round(math.log2(hps[x]))))
+        return [_bracket_job(x, out, cache, scale, hps, d, [c - 1, c, c + 1])
+                for d in b.dependents]
 
     return Job(name, argv, then)
 
@@ -301,7 +380,7 @@ def print_optima(x: str, opt: pd.DataFrame) -> None:
 # -- criterion 3: coordinate check ----------------------------------------------------------
 
 
-def coord_job(out: Path, cache: Path, scale: Scale, hps: dict[str, float], slots: int, *,
+def coord_job(out: Path, cache: Path, scale: Scale, hps: dict[str, float], threads: int, *,
               name: str = "coord", params: tuple[str, ...] | None = None,
               seeds: tuple[int, ...] | None = None) -> Job:
     argv = [str(BIN / "spartune-coord"), *common(out, cache), *hp_overrides(hps),
@@ -311,11 +390,11 @@ def coord_job(out: Path, cache: Path, scale: Scale, hps: dict[str, float], slots
             f"coord.seeds={fmt_list(seeds or scale.coord_seeds)}",
             f"coord.steps={scale.coord_steps}",
             f"coord.lr={hps['lr']!r}", f"model.base_width={scale.proxy_width}",
-            f"coord.tolerance={COORD_MAX}", f"train.threads={slots}"]
+            f"coord.tolerance={COORD_MAX}", f"train.threads={threads}"]
     return Job(name, argv)
 
 
-def coord_line(out: Path) -> tuple[bool, pd.DataFrame]:
+def coord_line(out: Path, setting: str) -> tuple[bool, pd.DataFrame]:
     """The verdict at the paper's settings, the same measure at the proxy's HPs as context.
 
     Also says where the worst spread comes from: the width axis (density 1) or the density axis
@@ -342,7 +421,7 @@ def coord_line(out: Path) -> tuple[bool, pd.DataFrame]:
             f"{r.module} {r.spread:.2f}x (width axis {r.width_spread:.2f}x, density axis "
             f"{r.density_spread:.2f}x, step {r.worst_step})" for r in t.itertuples()))
         sp = pd.concat([sp, t.assign(param="supar@proxy_hps")], ignore_index=True)
-    print(f"  supar at the paper's Fig. 5 settings: {axes}")
+    print(f"  supar at {setting}: {axes}")
     full = out / "coord" / "coord.csv"
     if full.is_file():
         df = pd.read_csv(full)
@@ -503,22 +582,6 @@ def main() -> None:
     print(f"science benchmark ({kind}), {a.jobs} jobs at once, {os.cpu_count()} cores, "
           f"results in {out}", flush=True)
 
-    if a.report_only:
-        hps = dict(QUICK_HPS)
-        if not a.quick:
-            chosen = select_hps(read_trials(out, ["proxy"]), select="best", hps=list(HPS),
-                                source="proxy")
-            hps = {h: float(chosen[h]) for h in HPS}
-    elif a.quick:
-        hps = dict(QUICK_HPS)
-        print(f"{stamp()} fixed HPs (--quick skips the proxy search): {hps}", flush=True)
-    else:
-        hps = tune_proxy(out, cache, scale, a.jobs)
-        print(f"{stamp()} proxy (dense, width {scale.proxy_width}, {scale.proxy_trials} TPE "
-              f"trials): best val loss {hps.pop('proxy_loss'):.4f} at "
-              + ", ".join(f"{h}={hps[h]:.4g} (log2 {math.log2(hps[h]):+.2f})" for h in HPS),
-              flush=True)
-
     # At density 1 SμPar *is* µP (SUPAR.md §1.3; tests/test_params.py; measured identical): run
     # that cell once, as supar, and read it for mup too (`with_mup_dense`).
     cells = [(pm, d) for pm in scale.params for d in scale.densities
@@ -526,31 +589,60 @@ def main() -> None:
     bounds = {"lr": (-16, 0), "init_std": (-12, 2)}  # log2 ranges a bracket never leaves
     brackets = {x: [Bracket(x, pm, d, lo=lo, hi=hi) for pm, d in cells]
                 for x, (lo, hi) in bounds.items()}
-    jobs: list[Job] = []
-    if "lr" in scale.criteria:  # SμPar's cells first: the headline, seen early in the logs
-        jobs += stability_jobs("lr", out, cache, scale, hps,
-                               sorted(brackets["lr"], key=lambda b: b.param != "supar"))
-    if "transfer" in scale.criteria:
-        jobs += transfer_jobs(out, cache, scale)
-    if "init" in scale.criteria:
-        jobs += stability_jobs("init_std", out, cache, scale, hps, brackets["init_std"])
-    failed = [] if a.report_only else run_jobs(jobs, a.jobs, out / "logs", scale.overrides)
-    if a.report_only:  # the study folders that exist, whatever rounds they came from
-        for x, bs in brackets.items():
+    hps: dict[str, float] = {}
+
+    def sweeps() -> list[Job]:
+        """Everything that needs the proxy's HPs; SμPar's LR cells first (the headline)."""
+        jobs: list[Job] = []
+        if "lr" in scale.criteria:
+            jobs += stability_jobs("lr", out, cache, scale, hps,
+                                   sorted(brackets["lr"], key=lambda b: b.param != "supar"))
+        if "transfer" in scale.criteria:
+            jobs += transfer_jobs(out, cache, scale)
+        if "init" in scale.criteria:
+            jobs += stability_jobs("init_std", out, cache, scale, hps, brackets["init_std"])
+        if "coord" in scale.criteria and not a.quick:
+            jobs.append(coord_job(out, cache, scale, hps, 1, name="coord_tuned",
+                                  params=("supar",), seeds=(0, 1, 2)))
+        return jobs
+
+    def after_proxy(job: Job, rc: int) -> list[Job]:
+        found = proxy_hps(out)
+        if not found:
+            return []
+        print(f"{stamp()} proxy (dense, width {scale.proxy_width}, {scale.proxy_trials} TPE "
+              f"trials, one worker): best val loss {found.pop('proxy_loss'):.4f} at "
+              + ", ".join(f"{h}={found[h]:.4g} (log2 {math.log2(found[h]):+.2f})" for h in HPS),
+              flush=True)
+        hps.update(found)
+        return sweeps()
+
+    failed: list[tuple[str, int]] = []
+    if a.report_only:
+        found = proxy_hps(out) if not a.quick else {}
+        if not a.quick and not found:
+            sys.exit(f"science: --report-only: no finished proxy study in {out / 'proxy'}")
+        hps.update({h: found[h] for h in HPS} if found else QUICK_HPS)
+        for x, bs in brackets.items():  # the study folders that exist, whatever their rounds
             for b in bs:
                 b.names = [str(q.parent.relative_to(out)) for q in
                            sorted((out / x / b.param / f"d{b.density:g}").glob("r*/trials.csv"))]
     else:
-        print(f"{stamp()} sweeps done ({len(failed)} failed jobs)", flush=True)
-    if "coord" in scale.criteria and not a.report_only:
-        coord_hps = dict(QUICK_HPS) if a.quick else dict(PAPER_FIG5_HPS)
-        jobs = [coord_job(out, cache, scale, coord_hps, a.jobs)]
-        if not a.quick:
-            jobs.append(coord_job(out, cache, scale, hps, a.jobs, name="coord_tuned",
-                                  params=("supar",), seeds=(0, 1, 2)))
-        # exit code 1 is the check's own verdict, read from its csv below
-        failed += [f for f in run_jobs(jobs, 1, out / "logs", scale.overrides) if f[1] != 1]
-        print(f"{stamp()} coordinate check done", flush=True)
+        # The coordinate check at fixed settings needs no proxy: it runs beside it.
+        first = ([coord_job(out, cache, scale, dict(QUICK_HPS if a.quick else PAPER_FIG5_HPS),
+                            1)] if "coord" in scale.criteria else [])
+        if a.quick:
+            hps.update(QUICK_HPS)
+            print(f"{stamp()} fixed HPs (--quick skips the proxy search): {hps}", flush=True)
+            first = sweeps() + first
+        else:
+            first = [replace(proxy_job(out, cache, scale), then=after_proxy), *first]
+        failed = run_jobs(first, a.jobs, out / "logs", scale.overrides)
+        if not a.quick and not hps:
+            sys.exit(f"science: the proxy sweep failed; see {out / 'logs' / 'proxy.log'}")
+        # a coordinate check's exit code 1 is its own verdict, read from its csv below
+        failed = [f for f in failed if not (f[0].startswith("coord") and f[1] == 1)]
+        print(f"{stamp()} all jobs done ({len(failed)} failed)", flush=True)
 
     print("\n# results")
     print("HPs used: " + ", ".join(f"{h}={hps[h]:.4g}" for h in HPS)
@@ -578,7 +670,8 @@ def main() -> None:
         if x == "lr":
             lr_trials = trials
     if "coord" in scale.criteria:
-        results["coord"], tables["coord_spreads"] = coord_line(out)
+        results["coord"], tables["coord_spreads"] = coord_line(
+            out, "the --quick HPs" if a.quick else "the paper's Fig. 5 settings")
     if "transfer" in scale.criteria:
         t_trials = read_trials(out, [j.name for j in transfer_jobs(out, cache, scale)])
         results["transfer"], tables["transfer_regret"] = transfer_line(t_trials)

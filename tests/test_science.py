@@ -39,14 +39,28 @@ def _trials(points: dict[float, list[float | None]], param: str = "supar",
 
 
 def test_bracket_extends_towards_the_minimum_until_both_sides_are_tried():
-    b = science.Bracket("lr", "sp", 0.25)
+    b = science.Bracket("lr", "sp", 0.25, refine=False)
     assert b.next_points(_trials({-8: [2.6, 2.6], -7: [2.5, 2.5], -6: [2.4, 2.4]})) == [-5]
     assert b.next_points(_trials({-8: [2.4, 2.4], -7: [2.5, 2.5], -6: [2.6, 2.6]})) == [-9]
     assert b.next_points(_trials({-8: [2.6, 2.6], -7: [2.4, 2.4], -6: [2.5, 2.5]})) == []
 
 
+def test_bracket_refines_half_an_octave_towards_the_lower_neighbour_once():
+    b = science.Bracket("lr", "supar", 1.0)
+    # bracketed at -6; -5 is lower than -7, so the vertex lies above -6
+    grid = {-7: [2.31, 2.31], -6: [2.24, 2.24], -5: [2.27, 2.27]}
+    assert b.next_points(_trials(grid)) == [-5.5]
+    assert b.next_points(_trials({**grid, -5.5: [2.25, 2.25]})) == []  # -6 stays best
+    assert b.next_points(_trials({**grid, -5.5: [2.20, 2.20]})) == []  # neighbours 0.5 away
+    # the refinement showed the other side is lower: refine there too, then stop
+    assert b.next_points(_trials({**grid, -5.5: [2.32, 2.32]})) == [-6.5]
+    assert b.next_points(_trials({**grid, -5.5: [2.32, 2.32], -6.5: [2.25, 2.25]})) == []
+    # a diverged neighbour counts as worse: refine away from it
+    assert b.next_points(_trials({-7: [2.31], -6: [2.24], -5: [None]})) == [-6.5]
+
+
 def test_bracket_counts_a_diverged_point_as_worse_and_respects_bounds():
-    b = science.Bracket("lr", "sp", 0.25)
+    b = science.Bracket("lr", "sp", 0.25, refine=False)
     # -5 diverged in one seed: it brackets the minimum at -6
     assert b.next_points(_trials({-7: [2.6, 2.6], -6: [2.4, 2.4], -5: [2.3, None]})) == []
     # everything diverged: step down
@@ -54,6 +68,46 @@ def test_bracket_counts_a_diverged_point_as_worse_and_respects_bounds():
     # never beyond the bounds
     assert science.Bracket("lr", "sp", 1.0, hi=-2).next_points(
         _trials({-4: [2.6], -3: [2.5], -2: [2.4]})) == []
+
+
+def test_cells_start_at_the_next_denser_cells_optimum():
+    cells = [science.Bracket("lr", p, d) for p in ("supar", "sp", "mup")
+             for d in (1.0, 0.25, 0.0625) if not (p == "mup" and d == 1.0)]
+    roots = science.chain(cells)
+    assert [(b.param, b.density) for b in roots] == [("supar", 1.0), ("sp", 1.0)]
+    supar_dense = roots[0]
+    assert [(b.param, b.density) for b in supar_dense.dependents] == [("supar", 0.25),
+                                                                      ("mup", 0.25)]
+    mup = [b for b in cells if b.param == "mup"]
+    assert mup[1].after is mup[0] and mup[0].dependents == [mup[1]]
+    # the fitted optimum, rounded to the one-octave grid; the default with nothing to fit
+    grid = _trials({-5: [2.6, 2.6], -4: [2.4, 2.4], -3: [2.45, 2.45]})
+    assert supar_dense.start(grid, default=-6) == -4
+    assert supar_dense.start(grid.iloc[:0], default=-6) == -6
+
+
+def test_stability_jobs_start_each_chain_then_its_dependents(tmp_path: Path) -> None:
+    hps = {"lr": 2.0**-6, "init_std": 0.1, "alpha_input": 1.0, "alpha_output": 1.0}
+    cells = [science.Bracket("lr", "sp", d) for d in (1.0, 0.25)]
+    jobs = science.stability_jobs("lr", tmp_path, tmp_path, science.QUICK, hps, cells)
+    assert [j.name for j in jobs] == ["lr/sp/d1/r0"]
+    assert "study.space.lr={values:[0.0078125,0.015625,0.03125]}" in jobs[0].argv
+    assert "train.eval_every=100" in jobs[0].argv  # one evaluation, at the end
+    _write_trials(tmp_path / "lr/sp/d1/r0", _trials({-7: [2.5], -6: [2.3], -5: [2.4]},
+                                                   param="sp"))
+    follow = jobs[0].then(jobs[0], 0)  # bracketed at -6, -5 lower than -7: refine at -5.5
+    assert [j.name for j in follow] == ["lr/sp/d1/r1"]
+    assert f"study.space.lr={{values:[{2.0**-5.5!r}]}}" in follow[0].argv
+    _write_trials(tmp_path / "lr/sp/d1/r1", _trials({-5.5: [2.35]}, param="sp"))
+    after = follow[0].then(follow[0], 0)  # done: the sparser cell starts at -6
+    assert [j.name for j in after] == ["lr/sp/d0.25/r0"]
+    assert "study.space.lr={values:[0.0078125,0.015625,0.03125]}" in after[0].argv
+
+
+def _write_trials(folder: Path, trials: pd.DataFrame) -> None:
+    folder.mkdir(parents=True)
+    trials.assign(width=64, study=folder.name, cell="c", number=range(len(trials)),
+                  role="search").to_csv(folder / "trials.csv", index=False)
 
 
 def test_frontier_pairs_seeds_and_calls_a_small_gap_noise():
