@@ -15,13 +15,17 @@ then prints one line per criterion with the measured figure and pass/fail:
               Spread across densities: SμPar <= 0.5 octave; SP >= 2 octaves (the problem the
               tool exists to fix); µP reported (paper Figs 1, 6).
   2. init     the same for sigma_base with 100-step runs of 8 sequences (paper Fig. 7, footnote
-              4, Table 4), judged on the same 128 held-out sequences as the LR runs.
+              4, Table 4), judged on the same 128 held-out sequences as the LR runs; the
+              parabola on the one-octave grid, without the half-octave refinement.
+  Where each cell's minimum lies is scouted with the first seed; the other seeds then run at
+  the scouted minimum and its neighbours, and every estimate is a mean over all seeds.
   3. coord    `spartune-coord` at the paper's Fig. 5 settings (Table 4: sigma 0.101,
               alpha_in 11.22, alpha_out 1, constant LR 1.62e-2, 10 steps): mean |activation|
               of attention and MLP outputs across widths 64..512 and densities 1..1/64, worst
-              step: SμPar <= 1.25x; SP reported. SμPar at the proxy's HPs is reported too.
+              step: SμPar <= 1.25x; SP reported.
   4. transfer `spartune-transfer transfer.check=true`: the proxy's HPs on width-256 targets at
-              densities 1/4 and 1/16, against each target's own best on a local LR grid:
+              densities 1/4 and 1/16, against each target's own best on a local LR grid
+              (half-octave steps, grown towards the best up to one octave each side):
               SμPar within 1%; SP standard practice (the dense HPs re-used) reported.
   5. frontier best-LR loss per density for each parameterization, from criterion 1's runs:
               is SμPar best, or within noise (2 paired standard errors over seeds), at every
@@ -84,8 +88,11 @@ class Scale:
     coord_steps: int = 10
     transfer_width: int = 256
     transfer_densities: tuple[float, ...] = (0.25, 0.0625)
-    transfer_octaves: tuple[float, ...] = (-1.0, -0.5, 0.5, 1.0)
+    transfer_reach: float = 1.0  # the local LR grid at a target: half-octave steps, <= 1 octave
     criteria: tuple[str, ...] = ("lr", "init", "coord", "transfer", "frontier")
+    # Half-octave refinement: LR, whose SμPar criterion turns on tenths of an octave; init
+    # std's optima are judged by the parabola on the one-octave grid (the issue allows either).
+    refine: tuple[str, ...] = ("lr",)
     overrides: tuple[str, ...] = ()  # extra Hydra overrides for every job (--set)
 
 
@@ -210,11 +217,14 @@ def proxy_hps(out: Path) -> dict[str, float]:
 class Bracket:
     """One (param, density) cell of a stability sweep over x = lr or init_std.
 
-    Rounds of grid points run until the seed-mean minimum is bracketed on a one-octave grid,
-    then refined with half-octave points (`next_points`). A cell with `after` set starts where
-    that cell's optimum was (the next denser cell of the same parameterization): continuation,
-    so SP's and µP's drifting optima need fewer extension rounds (the bracket logic, not the
-    start, decides where the optimum is).
+    Rounds of grid points run until the seed-mean minimum is bracketed on a one-octave grid
+    and, for LR, refined with a half-octave point (`next_points`). Where the minimum is, is
+    scouted with the first seed alone; the other seeds then run at the scouted minimum and its
+    neighbours, and every decision after that uses points all seeds have finished
+    (`next_round`). The estimate is always a seed mean over all seeds; the scouting only saves
+    the runs that SP's and µP's drifting optima would otherwise cost on every seed, far from
+    their optimum. A cell with `after` set starts where that cell's optimum was (the next
+    denser cell of the same parameterization): continuation.
     """
 
     x: str
@@ -222,25 +232,51 @@ class Bracket:
     density: float
     lo: int = -16  # log2 bounds the search never leaves (main() sets them per HP)
     hi: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
     refine: bool = True
     after: Bracket | None = field(default=None, repr=False)
     rounds: int = 0
     names: list[str] = field(default_factory=list)
     dependents: list[Bracket] = field(default_factory=list, repr=False)
 
-    def next_points(self, trials: pd.DataFrame) -> list[float]:
-        """log2 points to add next; [] when the cell is done.
+    def first_round(self, center: int) -> tuple[list[float], tuple[int, ...]]:
+        return [center - 1, center, center + 1], self.seeds[:1]
+
+    def next_round(self, trials: pd.DataFrame) -> tuple[list[float], tuple[int, ...]]:
+        """(points, seeds) to run next; ([], ()) when the cell is done."""
+        if trials.empty:
+            return [], ()
+        col = f"log2_{self.x}"
+        full = complete(trials, self.x, len(self.seeds))
+        finite = full[np.isfinite(full["final_val_loss"].astype(float))
+                      & ~full["diverged"].astype(bool)]
+        if finite.empty and len(self.seeds) > 1:  # still scouting with the first seed
+            scout = trials[trials["seed"] == self.seeds[0]]
+            new = self.next_points(scout, refine=False)
+            if new:
+                return new, self.seeds[:1]
+            return _neighbourhood(scout, self.x), self.seeds[1:]
+        new = self.next_points(full)
+        if not new:
+            return [], ()
+        point = new[0]  # one point per round: only its missing seeds run
+        have = set(trials.loc[trials[col].round(6) == round(point, 6), "seed"])
+        return [point], tuple(s for s in self.seeds if s not in have)
+
+    def next_points(self, trials: pd.DataFrame, refine: bool | None = None) -> list[float]:
+        """log2 points to add to a grid every point of which has all its seeds; [] when done.
 
         1. Bracket: while the seed-mean minimum is the smallest or largest value tried, add one
            octave beyond it. A point where a seed diverged or failed counts as worse than any
            finite one (it brackets the minimum); if every point so far diverged, step down.
-        2. Refine: once bracketed, add the point half an octave from the minimum towards its
-           lower neighbour (where the parabola's vertex lies), until that neighbour is within
-           half an octave. One octave apart, the parabola through the minimum and its
+        2. Refine (LR): once bracketed, add the point half an octave from the minimum towards
+           its lower neighbour (where the parabola's vertex lies), until that neighbour is
+           within half an octave. One octave apart, the parabola through the minimum and its
            neighbours is skewed by the loss curve's asymmetry (steep above the optimum, where
-           training starts to diverge) by a few tenths of an octave (SUPAR.md §3.4 uses
-           finer grids); the issue asks for a half-octave grid or a quadratic fit.
+           training starts to diverge); the issue asks for a half-octave grid or a quadratic
+           fit.
         """
+        refine = self.refine if refine is None else refine
         col = f"log2_{self.x}"
         tried = sorted({round(float(v), 6) for v in trials[col].dropna()})
         if not tried:
@@ -253,17 +289,49 @@ class Bracket:
             best = round(float(ok.loc[ok["mean"].idxmin(), col]), 6)
             new = ([best - 1] if best == tried[0] else []) + \
                   ([best + 1] if best == tried[-1] else [])
-            if not new and self.refine:
+            if not new and refine:
                 new = _refinement(best, tried, dict(zip(ok[col].round(6), ok["mean"],
                                                         strict=True)))
         return [v for v in new if self.lo <= v <= self.hi and v not in tried]
 
     def start(self, trials: pd.DataFrame, default: int) -> int:
         """Where a dependent cell's first round is centred: this cell's fitted optimum."""
+        trials = complete(trials, self.x, len(self.seeds)) if len(trials) else trials
         opt = analysis.optima(trials, self.x, by=["param", "density"]) if len(trials) else None
         if opt is None or opt.empty or not np.isfinite(opt[f"fit_log2_{self.x}"].iloc[0]):
             return default
         return int(round(float(opt[f"fit_log2_{self.x}"].iloc[0])))
+
+
+def complete(trials: pd.DataFrame, x: str, n_seeds: int) -> pd.DataFrame:
+    """The trials at grid points that every seed has finished, or where a seed diverged.
+
+    A scouted point (first seed only) is left out, so every estimate is a mean over all seeds;
+    a diverged scout stays in, because a point where any seed diverged counts as diverged
+    (analysis.loss_grid).
+    """
+    if trials.empty:
+        return trials
+    done = trials[trials["state"] == "COMPLETE"]
+    point = done[f"log2_{x}"].astype(float).round(6)
+    groups = done.groupby([done["param"], done["density"], point])
+    bad = done["diverged"].astype(bool) | ~np.isfinite(done["final_val_loss"].astype(float))
+    n = groups["seed"].transform("nunique")
+    return done[(n >= n_seeds) | bad.groupby([done["param"], done["density"], point])
+                .transform("any")]
+
+
+def _neighbourhood(scout: pd.DataFrame, x: str) -> list[float]:
+    """The scouted minimum and its nearest neighbours that did not diverge."""
+    col = f"log2_{x}"
+    loss = scout["final_val_loss"].astype(float)
+    ok = scout[~scout["diverged"].astype(bool) & np.isfinite(loss)]
+    tried = sorted({round(float(v), 6) for v in scout[col]})
+    best = round(float(ok.loc[ok["final_val_loss"].astype(float).idxmin(), col]), 6)
+    fine = {round(float(v), 6) for v in ok[col]}
+    near = [max((v for v in tried if v < best), default=None),
+            min((v for v in tried if v > best), default=None)]
+    return sorted([best, *[v for v in near if v is not None and v in fine]])
 
 
 def _refinement(best: float, tried: list[float], loss: dict[float, float]) -> list[float]:
@@ -304,12 +372,12 @@ def stability_jobs(x: str, out: Path, cache: Path, scale: Scale, hps: dict[str, 
     The other cells start when the cell before them in their chain is done (`chain`).
     """
     center = int(round(math.log2(hps[x])))
-    return [_bracket_job(x, out, cache, scale, hps, b, [center - 1, center, center + 1])
+    return [_bracket_job(x, out, cache, scale, hps, b, *b.first_round(center))
             for b in chain(brackets)]
 
 
 def _bracket_job(x: str, out: Path, cache: Path, scale: Scale, hps: dict[str, float],
-                 b: Bracket, octaves: list[float]) -> Job:
+                 b: Bracket, octaves: list[float], seeds: tuple[int, ...]) -> Job:
     name = f"{x}/{b.param}/d{b.density:g}/r{b.rounds}"
     b.names.append(name)
     b.rounds += 1
@@ -321,7 +389,7 @@ def _bracket_job(x: str, out: Path, cache: Path, scale: Scale, hps: dict[str, fl
                 f"train.eval_batches={scale.init_eval_batches}"]
     argv = [str(BIN / "spartune-sweep"), "-cn", cn, *common(out, cache), *hp_overrides(hps),
             f"study.name={name}", f"study.params=[{b.param}]",
-            f"study.densities=[{b.density!r}]", f"study.seeds={fmt_list(scale.seeds)}",
+            f"study.densities=[{b.density!r}]", f"study.seeds={fmt_list(seeds)}",
             f"study.widths=[{scale.width}]", f"model.width={scale.width}",
             f"model.base_width={scale.proxy_width}", *run,
             "study.workers=1", "train.threads=1",
@@ -329,11 +397,11 @@ def _bracket_job(x: str, out: Path, cache: Path, scale: Scale, hps: dict[str, fl
 
     def then(job: Job, rc: int) -> list[Job]:
         trials = read_trials(out, b.names)
-        new = b.next_points(trials) if not trials.empty else []
+        new, new_seeds = b.next_round(trials)
         if new:
-            return [_bracket_job(x, out, cache, scale, hps, b, new)]
+            return [_bracket_job(x, out, cache, scale, hps, b, new, new_seeds)]
         c = b.start(trials, default=int(round(math.log2(hps[x]))))
-        return [_bracket_job(x, out, cache, scale, hps, d, [c - 1, c, c + 1])
+        return [_bracket_job(x, out, cache, scale, hps, d, *d.first_round(c))
                 for d in b.dependents]
 
     return Job(name, argv, then)
@@ -395,7 +463,7 @@ def coord_job(out: Path, cache: Path, scale: Scale, hps: dict[str, float], threa
 
 
 def coord_line(out: Path, setting: str) -> tuple[bool, pd.DataFrame]:
-    """The verdict at the paper's settings, the same measure at the proxy's HPs as context.
+    """The verdict at the paper's settings.
 
     Also says where the worst spread comes from: the width axis (density 1) or the density axis
     (largest width), and SμPar's spread by step.
@@ -413,14 +481,6 @@ def coord_line(out: Path, setting: str) -> tuple[bool, pd.DataFrame]:
     axes = ", ".join(f"{r.module} {r.spread:.2f}x (width axis {r.width_spread:.2f}x, density "
                      f"axis {r.density_spread:.2f}x, step {r.worst_step})"
                      for r in detail.itertuples())
-    tuned = out / "coord_tuned" / "coord_spreads.csv"
-    if tuned.is_file():
-        t = pd.read_csv(tuned)
-        t = t[t["param"] == "supar"]
-        print("  supar at the proxy's HPs instead: " + ", ".join(
-            f"{r.module} {r.spread:.2f}x (width axis {r.width_spread:.2f}x, density axis "
-            f"{r.density_spread:.2f}x, step {r.worst_step})" for r in t.itertuples()))
-        sp = pd.concat([sp, t.assign(param="supar@proxy_hps")], ignore_index=True)
     print(f"  supar at {setting}: {axes}")
     full = out / "coord" / "coord.csv"
     if full.is_file():
@@ -445,18 +505,37 @@ def coord_line(out: Path, setting: str) -> tuple[bool, pd.DataFrame]:
 
 
 def transfer_jobs(out: Path, cache: Path, scale: Scale) -> list[Job]:
-    jobs = []
-    for param in ("supar", "sp"):
-        for d in scale.transfer_densities:
-            name = f"transfer/{param}/d{d:g}"
-            argv = [str(BIN / "spartune-transfer"), "-cn", "transfer", *common(out, cache),
-                    "transfer.source=proxy", f"study.name={name}",
-                    f"transfer.params=[{param}]", f"transfer.widths=[{scale.transfer_width}]",
-                    f"transfer.densities=[{d!r}]", "transfer.seeds=[0]", "transfer.check=true",
-                    f"transfer.check_octaves={fmt_list(scale.transfer_octaves)}",
-                    "study.workers=1", "train.threads=1"]
-            jobs.append(Job(name, argv))
-    return jobs
+    """One `spartune-transfer transfer.check=true` per (param, density), half an octave each side.
+
+    The local grid grows by half an octave on the side where the best is at its edge, up to
+    `transfer_reach` octaves (`_transfer_job`); a rerun of the same study runs only the new
+    point. The study names are the job names.
+    """
+    return [_transfer_job(out, cache, scale, param, d, (-0.5, 0.5))
+            for param in ("supar", "sp") for d in scale.transfer_densities]
+
+
+def _transfer_job(out: Path, cache: Path, scale: Scale, param: str, d: float,
+                  octaves: tuple[float, ...], round_: int = 0) -> Job:
+    study = f"transfer/{param}/d{d:g}"
+    argv = [str(BIN / "spartune-transfer"), "-cn", "transfer", *common(out, cache),
+            "transfer.source=proxy", f"study.name={study}",
+            f"transfer.params=[{param}]", f"transfer.widths=[{scale.transfer_width}]",
+            f"transfer.densities=[{d!r}]", "transfer.seeds=[0]", "transfer.check=true",
+            f"transfer.check_octaves={fmt_list(sorted(octaves))}",
+            "study.workers=1", "train.threads=1"]
+
+    def then(job: Job, rc: int) -> list[Job]:
+        reg = analysis.transfer_regret(read_trials(out, [study]))
+        if reg.empty or not bool(reg["at_edge"].iloc[0]):
+            return []
+        side = -1.0 if reg["distance_octaves"].iloc[0] > 0 else 1.0  # towards the best
+        far = side * (max(abs(o) for o in octaves if o * side > 0) + 0.5)
+        if abs(far) > scale.transfer_reach + 1e-9:
+            return []
+        return [_transfer_job(out, cache, scale, param, d, (*octaves, far), round_ + 1)]
+
+    return Job(study if round_ == 0 else f"{study}/r{round_}", argv, then)
 
 
 def transfer_line(trials: pd.DataFrame) -> tuple[bool, pd.DataFrame]:
@@ -587,7 +666,8 @@ def main() -> None:
     cells = [(pm, d) for pm in scale.params for d in scale.densities
              if not (pm == "mup" and d == 1.0 and "supar" in scale.params)]
     bounds = {"lr": (-16, 0), "init_std": (-12, 2)}  # log2 ranges a bracket never leaves
-    brackets = {x: [Bracket(x, pm, d, lo=lo, hi=hi) for pm, d in cells]
+    brackets = {x: [Bracket(x, pm, d, lo=lo, hi=hi, seeds=scale.seeds, refine=x in scale.refine)
+                    for pm, d in cells]
                 for x, (lo, hi) in bounds.items()}
     hps: dict[str, float] = {}
 
@@ -601,9 +681,6 @@ def main() -> None:
             jobs += transfer_jobs(out, cache, scale)
         if "init" in scale.criteria:
             jobs += stability_jobs("init_std", out, cache, scale, hps, brackets["init_std"])
-        if "coord" in scale.criteria and not a.quick:
-            jobs.append(coord_job(out, cache, scale, hps, 1, name="coord_tuned",
-                                  params=("supar",), seeds=(0, 1, 2)))
         return jobs
 
     def after_proxy(job: Job, rc: int) -> list[Job]:
@@ -634,7 +711,7 @@ def main() -> None:
         if a.quick:
             hps.update(QUICK_HPS)
             print(f"{stamp()} fixed HPs (--quick skips the proxy search): {hps}", flush=True)
-            first = sweeps() + first
+            first = [*first, *sweeps()]  # the coordinate check first: the longest job
         else:
             first = [replace(proxy_job(out, cache, scale), then=after_proxy), *first]
         failed = run_jobs(first, a.jobs, out / "logs", scale.overrides)
@@ -655,14 +732,17 @@ def main() -> None:
     for key, x, label in (("lr", "lr", "lr_stability"), ("init", "init_std", "init_stability")):
         if key not in scale.criteria:
             continue
-        trials = with_mup_dense(read_trials(out, [n for b in brackets[x] for n in b.names]),
-                                scale)
+        ran = read_trials(out, [n for b in brackets[x] for n in b.names])
+        trials = with_mup_dense(complete(ran, x, len(scale.seeds)), scale)
         if trials.empty:
             print(f"{label}: no trials fail")
             results[label] = False
             continue
         opt, spread = stability(x, trials)
         print_optima(x, opt)
+        scouts = len(ran) - len(complete(ran, x, len(scale.seeds)))
+        print(f"  ({len(ran)} runs; the estimates use the points all {len(scale.seeds)} seeds "
+              f"ran, {scouts} first-seed scouting runs left out)")
         results[label] = stability_line(label, x, spread, opt)
         tables[f"{label}_trials"], tables[f"{label}_optima"] = trials, opt
         figs.append(save_fig(plot.lr_stability(trials, x), out,

@@ -70,6 +70,30 @@ def test_bracket_counts_a_diverged_point_as_worse_and_respects_bounds():
         _trials({-4: [2.6], -3: [2.5], -2: [2.4]})) == []
 
 
+def test_scouting_finds_the_minimum_on_one_seed_then_every_seed_runs_around_it():
+    b = science.Bracket("lr", "sp", 0.25)  # seeds 0, 1, 2
+    assert b.first_round(-6) == ([-7, -6, -5], (0,))
+    scout = {-7: [2.5], -6: [2.4], -5: [2.3]}
+    assert b.next_round(_trials(scout)) == ([-4], (0,))  # still falling: scout on
+    scout[-4] = [2.35]
+    assert b.next_round(_trials(scout)) == ([-6, -5, -4], (1, 2))  # confirm around -5
+    full = {**scout, -6: [2.4, 2.41, 2.42], -5: [2.3, 2.31, 2.32], -4: [2.35, 2.36, 2.37]}
+    assert b.next_round(_trials(full)) == ([-4.5], (0, 1, 2))  # refine towards -4
+    full[-4.5] = [2.32, 2.33, 2.34]
+    assert b.next_round(_trials(full)) == ([], ())
+    # every seed says the minimum is at the edge: extend there, only the missing seeds run
+    assert b.next_round(_trials({-7: [2.5], -6: [2.4, 2.41, 2.42], -5: [2.3, 2.31, 2.32],
+                                 -4: [2.35, 2.2, 2.2], -3: [2.4]})) == ([-3], (1, 2))  # -3 scouted
+    # a scouted divergence brackets without running the other seeds there
+    assert b.next_round(_trials({-6: [2.4], -5: [2.3], -4: [None]})) == ([-6, -5], (1, 2))
+
+
+def test_estimates_leave_out_points_not_every_seed_ran():
+    t = _trials({-7: [2.5], -6: [2.4, 2.41, 2.42], -5: [None], -4: [2.2, 2.3]})
+    kept = science.complete(t, "lr", 3)
+    assert sorted(set(kept["log2_lr"])) == [-6, -5]  # -5: a diverged scout counts as diverged
+
+
 def test_cells_start_at_the_next_denser_cells_optimum():
     cells = [science.Bracket("lr", p, d) for p in ("supar", "sp", "mup")
              for d in (1.0, 0.25, 0.0625) if not (p == "mup" and d == 1.0)]
@@ -81,18 +105,19 @@ def test_cells_start_at_the_next_denser_cells_optimum():
     mup = [b for b in cells if b.param == "mup"]
     assert mup[1].after is mup[0] and mup[0].dependents == [mup[1]]
     # the fitted optimum, rounded to the one-octave grid; the default with nothing to fit
-    grid = _trials({-5: [2.6, 2.6], -4: [2.4, 2.4], -3: [2.45, 2.45]})
+    grid = _trials({-5: [2.6] * 3, -4: [2.4] * 3, -3: [2.45] * 3, -2: [2.3]})  # -2: a scout
     assert supar_dense.start(grid, default=-6) == -4
     assert supar_dense.start(grid.iloc[:0], default=-6) == -6
 
 
 def test_stability_jobs_start_each_chain_then_its_dependents(tmp_path: Path) -> None:
     hps = {"lr": 2.0**-6, "init_std": 0.1, "alpha_input": 1.0, "alpha_output": 1.0}
-    cells = [science.Bracket("lr", "sp", d) for d in (1.0, 0.25)]
+    cells = [science.Bracket("lr", "sp", d, seeds=(0,)) for d in (1.0, 0.25)]
     jobs = science.stability_jobs("lr", tmp_path, tmp_path, science.QUICK, hps, cells)
     assert [j.name for j in jobs] == ["lr/sp/d1/r0"]
     assert "study.space.lr={values:[0.0078125,0.015625,0.03125]}" in jobs[0].argv
     assert "train.eval_every=100" in jobs[0].argv  # one evaluation, at the end
+    assert "study.seeds=[0]" in jobs[0].argv
     _write_trials(tmp_path / "lr/sp/d1/r0", _trials({-7: [2.5], -6: [2.3], -5: [2.4]},
                                                    param="sp"))
     follow = jobs[0].then(jobs[0], 0)  # bracketed at -6, -5 lower than -7: refine at -5.5
@@ -161,3 +186,28 @@ def test_quick_science_run_shows_the_effects(tmp_path: Path) -> None:
     assert supar_coord <= 1.5 and sp_coord >= 10.0, text
     assert re.search(r"^science: \d/2 criteria pass in [0-9.]+ min", text, re.M), text
     assert (tmp_path / "science" / "figures" / "lr_stability.png").is_file()
+
+
+def test_transfer_grid_grows_towards_the_best_up_to_one_octave(tmp_path: Path) -> None:
+    [job] = [j for j in science.transfer_jobs(tmp_path, tmp_path, science.Scale())
+             if j.name == "transfer/supar/d0.25"]
+    assert "transfer.check_octaves=[-0.5,0.5]" in job.argv
+
+    def ran(losses: dict[float, float]) -> None:
+        rows = [{"state": "COMPLETE", "role": "target" if o == 0 else "check",
+                 "param": "supar", "width": 256, "density": 0.25, "seed": 0,
+                 "log2_lr": -6 + o, "final_val_loss": v, "diverged": False}
+                for o, v in losses.items()]
+        folder = tmp_path / "transfer/supar/d0.25"
+        folder.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).assign(study="t", cell="c", number=range(len(rows))).to_csv(
+            folder / "trials.csv", index=False)
+
+    ran({-0.5: 2.30, 0.0: 2.31, 0.5: 2.40})  # best at the low edge: add -1
+    [more] = job.then(job, 0)
+    assert more.name == "transfer/supar/d0.25/r1"
+    assert "transfer.check_octaves=[-1.0,-0.5,0.5]" in more.argv
+    ran({-1.0: 2.29, -0.5: 2.30, 0.0: 2.31, 0.5: 2.40})  # still at the edge: reach is 1
+    assert more.then(more, 0) == []
+    ran({-0.5: 2.32, 0.0: 2.31, 0.5: 2.40})  # the transferred LR is best: done
+    assert job.then(job, 0) == []

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 
 from conftest import ROOT, cli, tiny_config
@@ -79,6 +80,23 @@ def test_median_pruner_prunes(tmp_path):
     assert len(pruned) >= 1
     # a pruned trial still has its partial curve, from its intermediate values
     assert set(pruned["number"]) <= set(curves["number"])
+
+
+def test_one_seeded_tpe_worker_repeats_its_search_exactly(tmp_path):
+    """benchmarks/science.py relies on this: its proxy search gives the same HPs on every run."""
+    found = []
+    for run in ("a", "b"):
+        cfg = grid_cfg(tmp_path / run, sampler="tpe", pruner="median", n_trials=8,
+                       pruner_startup_trials=2, densities=[1.0])
+        cfg.study.space = {"lr": SearchDim(low=1e-4, high=1e-1),
+                           "init_std": SearchDim(low=0.005, high=0.1)}
+        cfg.train.threads = 1
+        sweep.sweep(cfg)
+        trials, _ = collect.load_trials(sweep.open_storage(cfg), "g")
+        found.append(trials.sort_values("number")[["lr", "init_std", "state", "value"]]
+                     .reset_index(drop=True))
+    assert len(found[0]) == 8 and found[0]["lr"].nunique() == 8
+    pd.testing.assert_frame_equal(found[0], found[1])
 
 
 def test_tpe_respects_the_budget_per_cell(tmp_path):
