@@ -37,7 +37,7 @@ paper's settings runs beside the proxy search. Each job has its own study folder
 `--out`, so the benchmark resumes: a rerun skips every finished trial. Job logs are in
 `<out>/logs/`. `--reference DIR` copies the figures and small tables there (the README's).
 
-    .venv/bin/python benchmarks/science.py                  # the full benchmark (~45 min)
+    .venv/bin/python benchmarks/science.py                  # the full benchmark (41 min, 2 cores)
     .venv/bin/python benchmarks/science.py --quick          # criteria 1 and 3, reduced
 """
 
