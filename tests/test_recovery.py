@@ -19,7 +19,7 @@ GRID = ["spartune-sweep", "-cn", "lr_stability", "data=synthetic", "train=smoke"
         "model.width=32", "model.head_size=16", "study.widths=[32]", "study.params=[supar]",
         "study.densities=[1.0]", "study.name=crash", "study.workers=1",
         "study.space.lr.low=0.001953125", "study.space.lr.high=0.015625",  # 2^-9 .. 2^-6
-        "train.steps=60", "train.eval_every=10", "train.device=cpu", "train.threads=1"]
+        "train.steps=200", "train.eval_every=10", "train.device=cpu", "train.threads=1"]
 
 
 def _start(cwd: Path) -> subprocess.Popen:
@@ -49,6 +49,12 @@ def _wait_for(cwd: Path, proc: subprocess.Popen, pred, timeout: float = 240) -> 
     raise AssertionError(f"timed out waiting; states {_states(cwd)}")
 
 
+def _mid_grid(states: list[str]) -> bool:
+    """A trial is running and another is still to come: a signal now lands mid-sweep, not
+    after the last trial has finished (which made the Ctrl-C test see exit code 0 once)."""
+    return states[-1:] == ["RUNNING"] and len(states) < 4
+
+
 def _finish(cwd: Path) -> subprocess.CompletedProcess:
     p = _start(cwd)
     out, err = p.communicate(timeout=300)
@@ -59,7 +65,7 @@ def _finish(cwd: Path) -> subprocess.CompletedProcess:
 def test_sigkill_mid_trial_then_rerun_completes_the_grid(tmp_path):
     proc = _start(tmp_path)
     before = _wait_for(tmp_path, proc,
-                       lambda s: s.count("COMPLETE") >= 1 and s[-1:] == ["RUNNING"])
+                       lambda s: s.count("COMPLETE") >= 1 and _mid_grid(s))
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: the trial stays RUNNING
     proc.wait()
     done_before = before.count("COMPLETE")
@@ -78,7 +84,7 @@ def test_sigkill_mid_trial_then_rerun_completes_the_grid(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_marks_the_trial_failed_and_says_how_to_resume(tmp_path):
     proc = _start(tmp_path)
-    _wait_for(tmp_path, proc, lambda s: s[-1:] == ["RUNNING"])
+    _wait_for(tmp_path, proc, _mid_grid)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
