@@ -25,8 +25,12 @@ GRID = ["spartune-sweep", "-cn", "lr_stability", "data=synthetic", "train=smoke"
 def _start(cwd: Path) -> subprocess.Popen:
     exe = Path(sys.executable).with_name(GRID[0])
     env = {**os.environ, "SPARTUNE_HOME": str(ROOT)}
+    # A shell without job control starts background commands with SIGINT ignored, and the
+    # child would inherit that (Python then installs no KeyboardInterrupt handler): give the
+    # sweep the disposition it has at a terminal, where Ctrl-C is what the user presses.
     return subprocess.Popen([str(exe), *GRID[1:]], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _states(cwd: Path) -> list[str]:
