@@ -712,6 +712,8 @@ def main() -> None:
             hps.update(QUICK_HPS)
             print(f"{stamp()} fixed HPs (--quick skips the proxy search): {hps}", flush=True)
             first = [*first, *sweeps()]  # the coordinate check first: the longest job
+        elif a.proxy_from is not None:  # its HPs as they are: --set must not re-tune it
+            first = [*first, *after_proxy(Job("proxy", []), 0)]
         else:
             first = [replace(proxy_job(out, cache, scale), then=after_proxy), *first]
         failed = run_jobs(first, a.jobs, out / "logs", scale.overrides)
