@@ -223,8 +223,8 @@ class Bracket:
     neighbours, and every decision after that uses points all seeds have finished
     (`next_round`). The estimate is always a seed mean over all seeds; the scouting only saves
     the runs that SP's and µP's drifting optima would otherwise cost on every seed, far from
-    their optimum. A cell with `after` set starts where that cell's optimum was (the next
-    denser cell of the same parameterization): continuation.
+    their optimum. The cells in `dependents` (the next sparser cell of the same
+    parameterization) start where this cell's optimum is: continuation (`chain`).
     """
 
     x: str
@@ -234,7 +234,6 @@ class Bracket:
     hi: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
     refine: bool = True
-    after: Bracket | None = field(default=None, repr=False)
     rounds: int = 0
     names: list[str] = field(default_factory=list)
     dependents: list[Bracket] = field(default_factory=list, repr=False)
@@ -248,9 +247,7 @@ class Bracket:
             return [], ()
         col = f"log2_{self.x}"
         full = complete(trials, self.x, len(self.seeds))
-        finite = full[np.isfinite(full["final_val_loss"].astype(float))
-                      & ~full["diverged"].astype(bool)]
-        if finite.empty and len(self.seeds) > 1:  # still scouting with the first seed
+        if not _finite(full).any() and len(self.seeds) > 1:  # still scouting with the first seed
             scout = trials[trials["seed"] == self.seeds[0]]
             new = self.next_points(scout, refine=False)
             if new:
@@ -303,6 +300,12 @@ class Bracket:
         return int(round(float(opt[f"fit_log2_{self.x}"].iloc[0])))
 
 
+def _finite(trials: pd.DataFrame) -> pd.Series:
+    """Runs that finished with a finite loss (analysis.loss_grid's rule, per run)."""
+    loss = trials["final_val_loss"].astype(float)
+    return ~trials["diverged"].astype(bool) & np.isfinite(loss)
+
+
 def complete(trials: pd.DataFrame, x: str, n_seeds: int) -> pd.DataFrame:
     """The trials at grid points that every seed has finished, or where a seed diverged.
 
@@ -315,17 +318,15 @@ def complete(trials: pd.DataFrame, x: str, n_seeds: int) -> pd.DataFrame:
     done = trials[trials["state"] == "COMPLETE"]
     point = done[f"log2_{x}"].astype(float).round(6)
     groups = done.groupby([done["param"], done["density"], point])
-    bad = done["diverged"].astype(bool) | ~np.isfinite(done["final_val_loss"].astype(float))
     n = groups["seed"].transform("nunique")
-    return done[(n >= n_seeds) | bad.groupby([done["param"], done["density"], point])
-                .transform("any")]
+    bad = (~_finite(done)).groupby([done["param"], done["density"], point]).transform("any")
+    return done[(n >= n_seeds) | bad]
 
 
 def _neighbourhood(scout: pd.DataFrame, x: str) -> list[float]:
     """The scouted minimum and its nearest neighbours that did not diverge."""
     col = f"log2_{x}"
-    loss = scout["final_val_loss"].astype(float)
-    ok = scout[~scout["diverged"].astype(bool) & np.isfinite(loss)]
+    ok = scout[_finite(scout)]
     tried = sorted({round(float(v), 6) for v in scout[col]})
     best = round(float(ok.loc[ok["final_val_loss"].astype(float).idxmin(), col]), 6)
     fine = {round(float(v), 6) for v in ok[col]}
@@ -358,11 +359,11 @@ def chain(brackets: list[Bracket]) -> list[Bracket]:
     for param, bs in by_param.items():
         prev = dense_supar if param == "mup" and bs[0].density != 1.0 else None
         for b in bs:
-            b.after = prev
             if prev is not None:
                 prev.dependents.append(b)
             prev = b
-    return [b for b in brackets if b.after is None]
+    waiting = {id(d) for b in brackets for d in b.dependents}
+    return [b for b in brackets if id(b) not in waiting]
 
 
 def stability_jobs(x: str, out: Path, cache: Path, scale: Scale, hps: dict[str, float],
@@ -448,18 +449,16 @@ def print_optima(x: str, opt: pd.DataFrame) -> None:
 # -- criterion 3: coordinate check ----------------------------------------------------------
 
 
-def coord_job(out: Path, cache: Path, scale: Scale, hps: dict[str, float], threads: int, *,
-              name: str = "coord", params: tuple[str, ...] | None = None,
-              seeds: tuple[int, ...] | None = None) -> Job:
+def coord_job(out: Path, cache: Path, scale: Scale, hps: dict[str, float], threads: int) -> Job:
     argv = [str(BIN / "spartune-coord"), *common(out, cache), *hp_overrides(hps),
-            f"name={name}", f"coord.params={fmt_list(params or scale.coord_params)}",
+            "name=coord", f"coord.params={fmt_list(scale.coord_params)}",
             f"coord.widths={fmt_list(scale.coord_widths)}",
             f"coord.densities={fmt_list(scale.densities)}",
-            f"coord.seeds={fmt_list(seeds or scale.coord_seeds)}",
+            f"coord.seeds={fmt_list(scale.coord_seeds)}",
             f"coord.steps={scale.coord_steps}",
             f"coord.lr={hps['lr']!r}", f"model.base_width={scale.proxy_width}",
             f"coord.tolerance={COORD_MAX}", f"train.threads={threads}"]
-    return Job(name, argv)
+    return Job("coord", argv)
 
 
 def coord_line(out: Path, setting: str) -> tuple[bool, pd.DataFrame]:
@@ -683,7 +682,8 @@ def main() -> None:
             jobs += stability_jobs("init_std", out, cache, scale, hps, brackets["init_std"])
         return jobs
 
-    def after_proxy(job: Job, rc: int) -> list[Job]:
+    def proxy_ready() -> list[Job]:
+        """Take the proxy study's winner and queue what needs it ([] if it has none)."""
         found = proxy_hps(out)
         if not found:
             return []
@@ -713,9 +713,10 @@ def main() -> None:
             print(f"{stamp()} fixed HPs (--quick skips the proxy search): {hps}", flush=True)
             first = [*first, *sweeps()]  # the coordinate check first: the longest job
         elif a.proxy_from is not None:  # its HPs as they are: --set must not re-tune it
-            first = [*first, *after_proxy(Job("proxy", []), 0)]
+            first = [*first, *proxy_ready()]
         else:
-            first = [replace(proxy_job(out, cache, scale), then=after_proxy), *first]
+            first = [replace(proxy_job(out, cache, scale), then=lambda job, rc: proxy_ready()),
+                     *first]
         failed = run_jobs(first, a.jobs, out / "logs", scale.overrides)
         if not a.quick and not hps:
             sys.exit(f"science: the proxy sweep failed; see {out / 'logs' / 'proxy.log'}")
@@ -735,14 +736,15 @@ def main() -> None:
         if key not in scale.criteria:
             continue
         ran = read_trials(out, [n for b in brackets[x] for n in b.names])
-        trials = with_mup_dense(complete(ran, x, len(scale.seeds)), scale)
+        used = complete(ran, x, len(scale.seeds))
+        trials = with_mup_dense(used, scale)
         if trials.empty:
             print(f"{label}: no trials fail")
             results[label] = False
             continue
         opt, spread = stability(x, trials)
         print_optima(x, opt)
-        scouts = len(ran) - len(complete(ran, x, len(scale.seeds)))
+        scouts = len(ran) - len(used)
         print(f"  ({len(ran)} runs; the estimates use the points all {len(scale.seeds)} seeds "
               f"ran, {scouts} first-seed scouting runs left out)")
         results[label] = stability_line(label, x, spread, opt)

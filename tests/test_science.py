@@ -103,7 +103,7 @@ def test_cells_start_at_the_next_denser_cells_optimum():
     assert [(b.param, b.density) for b in supar_dense.dependents] == [("supar", 0.25),
                                                                       ("mup", 0.25)]
     mup = [b for b in cells if b.param == "mup"]
-    assert mup[1].after is mup[0] and mup[0].dependents == [mup[1]]
+    assert mup[0].dependents == [mup[1]] and mup[1] not in roots
     # the fitted optimum, rounded to the one-octave grid; the default with nothing to fit
     grid = _trials({-5: [2.6] * 3, -4: [2.4] * 3, -3: [2.45] * 3, -2: [2.3]})  # -2: a scout
     assert supar_dense.start(grid, default=-6) == -4
