@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from spartune import atomic, stops
 from spartune.config import Config, ConfigError, register_configs, to_config
 
 log = logging.getLogger("spartune")
@@ -34,9 +35,9 @@ def project_dir() -> Path:
     raise AssertionError  # unreachable
 
 
-def fail(field: str, message: str) -> None:
+def fail(field: str, message: str, code: int = EXIT_USAGE) -> None:
     print(f"spartune: error: {field}: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    sys.exit(code)
 
 
 def _check_group_choices(argv: list[str], conf: Path) -> None:
@@ -119,6 +120,7 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
         from spartune.train import flush_denormals
 
         flush_denormals()  # before any torch op starts the thread pool (train.flush_denormals)
+        stops.obey_sigterm()  # SIGTERM stops as cleanly as Ctrl-C (stops.py)
         root = project_dir()
         _check_group_choices(sys.argv[1:], root / "conf")
         _check_config_name(sys.argv[1:], root)
@@ -138,11 +140,25 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
                 _forget(run_dir)
                 key = getattr(e, "full_key", None) or "config"
                 fail(str(key), str(e).splitlines()[0])
-            except KeyboardInterrupt:
-                print("spartune: interrupted; finished trials are kept and the interrupted ones "
+            except KeyboardInterrupt as e:
+                stops.shield()
+                what = "terminated" if isinstance(e, stops.Terminated) else "interrupted"
+                print(f"spartune: {what}; finished trials are kept and the interrupted ones "
                       "are marked FAIL and run again: resume with the same command",
                       file=sys.stderr)
-                sys.exit(130)
+                sys.exit(stops.exit_code(e))
+            except atomic.WriteError as e:
+                why = ("no space left (disk, quota or file-size limit): free some, or set "
+                       "results_dir= elsewhere, then run the same command again"
+                       if atomic.no_space(e) else f"{e.strerror}: check the folder")
+                fail(str(e.filename), f"cannot write it, nothing of it was left behind: {why}; "
+                     "finished trials are kept", stops.EXIT_ENVIRONMENT)
+            except Exception as e:
+                cause = stops.storage_gone(e)
+                if cause is None:
+                    raise
+                fail("study.storage", f"the storage went away ({cause}); finished trials are "
+                     "kept: run the same command again once it answers", stops.EXIT_ENVIRONMENT)
 
         _main()
 
@@ -171,9 +187,17 @@ def _coord(cfg: Config, run_dir: Path) -> None:
         sys.exit(1)
 
 
+def _overrides() -> list[str]:
+    """The command line's overrides, as Hydra parsed them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
 def _sweep(cfg: Config, run_dir: Path) -> None:
     from spartune import collect, report, sweep
 
+    sweep.check_overrides(cfg, _overrides())
     res = sweep.sweep(cfg)
     trials, curves = collect.load_trials(sweep.open_storage(cfg), cfg.study.name)
     out = sweep.study_dir(cfg)
@@ -196,8 +220,9 @@ def _sweep(cfg: Config, run_dir: Path) -> None:
 
 
 def _transfer(cfg: Config, run_dir: Path) -> None:
-    from spartune import analysis, report, transfer
+    from spartune import analysis, report, sweep, transfer
 
+    sweep.check_overrides(cfg, _overrides(), axes="transfer")
     res = transfer.run(cfg)
     figs = report.make_figures(res["trials"], res["curves"], res["dir"])
     done = res["trials"][res["trials"]["role"] == "target"]
