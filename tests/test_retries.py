@@ -115,3 +115,17 @@ def _assert_exactly_once(study: optuna.Study) -> None:
     complete = Counter(t.params["log2_lr"] for t in trials if t.state == TrialState.COMPLETE)
     assert sorted(complete) == GRID and set(complete.values()) == {1}, complete
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def test_a_trial_stopped_before_its_first_suggestion_is_retried_at_its_grid_point(tmp_path):
+    """Ctrl-C between `ask` and the suggestion leaves a FAIL with a grid id and no params: the
+    sampler will not hand that point out again, so the retry must come from the grid id."""
+    cfg = _cfg(tmp_path)
+    storage = sweep.open_storage(cfg)
+    study = sweep._load_cell_study(cfg, storage, sweep.cells(cfg.study)[0], 0)
+    trial = study.ask()
+    study.tell(trial, state=TrialState.FAIL)
+    assert study.get_trials()[0].params == {}
+    assert sweep.recover(study, cfg) == 1
+    sweep.run_worker(cfg)
+    _assert_exactly_once(study)

@@ -16,6 +16,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _file_mode()  # what open() would give a new file here
+
 # The errors of a full disk, a file-size limit (ulimit -f) and a full quota.
 NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
@@ -37,6 +46,7 @@ def replacing(path: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, _MODE)  # mkstemp's 0600 would make every result private to its writer
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # on disk before the rename, so a power cut keeps one

@@ -19,9 +19,11 @@ write that marks the trial FAIL and leave it RUNNING.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 EXIT_VERDICT, EXIT_USAGE, EXIT_ENVIRONMENT = 1, 2, 3
@@ -48,6 +50,32 @@ def shield() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done, then deliver them.
+
+    For the few storage writes that must not be cut in half: the `tell` that records a
+    finished trial, the `ask` that creates one. A Ctrl-C there would leave a finished run
+    RUNNING (so re-run) or a fresh trial RUNNING under no process.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append(signum)
+
+    old = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(held):
+            signal.raise_signal(s)  # now, to whatever handles it outside the block
 
 
 def exit_code(stop: KeyboardInterrupt) -> int:

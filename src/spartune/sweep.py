@@ -416,31 +416,35 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
         m = train.run(run_cfg, report, checkpoint=ckpt)
     except optuna.TrialPruned:
         _drop(ckpt)
-        study.tell(trial, state=TrialState.PRUNED)
+        with stops.deferred():
+            study.tell(trial, state=TrialState.PRUNED)
         return None
     except ConfigError:
-        study.tell(trial, state=TrialState.FAIL)
+        with stops.deferred():
+            study.tell(trial, state=TrialState.FAIL)
         raise
     except BaseException as e:  # Ctrl-C, or a bug: never leave the trial RUNNING
         if isinstance(e, KeyboardInterrupt):
             stops.shield()  # a second Ctrl-C must not cut the write that fails the trial
         if stops.storage_gone(e) is not None:
             raise  # the storage cannot take the FAIL: the next run's recovery writes it
-        trial.set_user_attr("error", f"{type(e).__name__}: {str(e)[:300]}")
-        study.tell(trial, state=TrialState.FAIL)
+        with stops.deferred():
+            trial.set_user_attr("error", f"{type(e).__name__}: {str(e)[:300]}")
+            study.tell(trial, state=TrialState.FAIL)
         raise
-    for k in ("final_train_loss", "final_val_loss", "best_val_loss", "diverged", "steps",
-              "tokens_per_second", "n_params", "n_nonzero_params", "train_seconds"):
-        trial.set_user_attr(k, _clean(m[k]))
-    trial.set_user_attr("curve", [[r["step"], _clean(r["train_loss"]), _clean(r["val_loss"]),
-                                   r["lr"]] for r in m["curve"]])
     if m["diverged"]:
         # A finite penalty, not NaN (which Optuna would record as FAIL): TPE learns to avoid
         # the region, and `diverged` in the user attrs keeps it out of every plot.
         value = m["loss_ceiling"]
     else:
         value = m["final_val_loss"]
-    study.tell(trial, value)
+    with stops.deferred():  # a finished run is recorded whole, or re-run whole
+        for k in ("final_train_loss", "final_val_loss", "best_val_loss", "diverged", "steps",
+                  "tokens_per_second", "n_params", "n_nonzero_params", "train_seconds"):
+            trial.set_user_attr(k, _clean(m[k]))
+        trial.set_user_attr("curve", [[r["step"], _clean(r["train_loss"]),
+                                       _clean(r["val_loss"]), r["lr"]] for r in m["curve"]])
+        study.tell(trial, value)
     _drop(ckpt)
     return value
 
@@ -540,11 +544,11 @@ def recover(study: optuna.Study, cfg: Config) -> int:
     covered = {_point(t, study.sampler) for t in _live(trials)}
     queued = 0
     for t in trials:
-        key = _point(t, study.sampler)
-        if (t.state == TrialState.FAIL and t.params and not t.user_attrs.get("surplus")
-                and key not in covered):
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-            covered.add(key)
+        params = _point_params(t, study.sampler)
+        if (t.state == TrialState.FAIL and params and not t.user_attrs.get("surplus")
+                and _key(params) not in covered):
+            study.enqueue_trial(params, user_attrs={"retry_of": t.number})
+            covered.add(_key(params))
             queued += 1
     if queued and cfg.study.storage:
         _drop_queued_twins(study)
@@ -585,19 +589,26 @@ def _key(params: dict[str, Any]) -> tuple:
     return tuple(sorted((k, round(float(v), 9)) for k, v in params.items()))
 
 
-def _point(t: Any, sampler: Any) -> tuple | None:
-    """The grid point a trial runs: its params, a queued retry's fixed params, or (before it
-    suggested them) its grid id. A queued or just-popped retry has no params yet: without
-    `fixed_params` it would look pointless and its point would be queued again."""
+def _point_params(t: Any, sampler: Any) -> dict[str, Any] | None:
+    """The grid point a trial runs, as params: its own, a queued retry's fixed params, or
+    (stopped before it suggested them) the point of its grid id. A queued or just-popped retry
+    has no params yet: without `fixed_params` it would look pointless and be queued again; a
+    trial stopped between `ask` and its first suggestion holds a grid id the sampler will not
+    hand out again, so only a retry of that point fills the hole."""
     if t.params:
-        return _key(t.params)
+        return dict(t.params)
     fixed = t.system_attrs.get("fixed_params")
     if fixed:
-        return _key(fixed)
+        return dict(fixed)
     gid = t.system_attrs.get("grid_id")
     if gid is None or not isinstance(sampler, optuna.samplers.GridSampler):
         return None
-    return _key(dict(zip(sampler._param_names, sampler._all_grids[gid], strict=True)))
+    return dict(zip(sampler._param_names, sampler._all_grids[gid], strict=True))
+
+
+def _point(t: Any, sampler: Any) -> tuple | None:
+    params = _point_params(t, sampler)
+    return None if params is None else _key(params)
 
 
 def _may_ask(study: optuna.Study, cfg: Config, total: int) -> bool:
@@ -660,28 +671,42 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
         while True:
             if cfg.study.timeout and time.monotonic() - start > cfg.study.timeout:
                 return ran
-            with _ask_lock(cfg):
-                if not _may_ask(study, cfg, total):
-                    break
-                with warnings.catch_warnings():
-                    # Optuna warns that heartbeats are meant for Study.optimize; ask/tell keeps
-                    # one alive below exactly as optimize does.
-                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                    trial = study.ask()
-                trial.set_user_attr("worker", owner())
-                if grid and _duplicate(study, trial):
-                    # only across machines (no shared lock): two workers took one point
-                    trial.set_user_attr("surplus", True)
-                    study.tell(trial, state=TrialState.FAIL)
-                    continue
-            from optuna.storages._heartbeat import get_heartbeat_thread
+            trial = None
+            try:
+                with _ask_lock(cfg):
+                    if not _may_ask(study, cfg, total):
+                        break
+                    with warnings.catch_warnings(), stops.deferred():
+                        # Optuna warns that heartbeats are meant for Study.optimize; ask/tell
+                        # keeps one alive below exactly as optimize does.
+                        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                        trial = study.ask()
+                        trial.set_user_attr("worker", owner())  # before a stop orphans it
+                    if grid and _duplicate(study, trial):
+                        # only across machines (no shared lock): two workers took one point
+                        trial.set_user_attr("surplus", True)
+                        study.tell(trial, state=TrialState.FAIL)
+                        continue
+                from optuna.storages._heartbeat import get_heartbeat_thread
 
-            with get_heartbeat_thread(trial._trial_id, study._storage):
-                run_trial(study, trial, cfg, cell)
+                with get_heartbeat_thread(trial._trial_id, study._storage):
+                    run_trial(study, trial, cfg, cell)
+            except KeyboardInterrupt:
+                if trial is not None:
+                    _fail_if_running(study, trial)
+                raise
             ran += 1
             if progress is not None:
                 progress(study)
     return ran
+
+
+def _fail_if_running(study: optuna.Study, trial: optuna.Trial) -> None:
+    """A stop that came between `ask` and the run: the trial must not stay RUNNING."""
+    stops.shield()
+    if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            study.tell(trial, state=TrialState.FAIL)
 
 
 def worker_context(cfg: Config) -> Any:
