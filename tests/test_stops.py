@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import optuna
 import pytest
@@ -131,6 +132,25 @@ def test_an_intact_journal_is_not_touched(tmp_path, capsys):
     whole = path.read_bytes()
     sweep.open_storage(cfg)
     assert path.read_bytes() == whole and capsys.readouterr().err == ""
+
+
+def test_the_journal_lock_points_at_the_journal_from_a_relative_results_dir(tmp_path,
+                                                                          monkeypatch):
+    """Optuna's lock is a symlink to the journal, and its grace period (which frees a lock left
+    by a process killed mid-append) stats the link's target: a link made from a relative path
+    dangles, and a rerun after such a kill waited forever (found by tests/faults)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config()
+    cfg.results_dir, cfg.study.name = "results", "rel"
+    storage = sweep.open_storage(cfg)
+    journal = tmp_path / "results" / "rel" / sweep.JOURNAL
+    lock = storage._backend._lock  # the lock its appends take (no public accessor)
+    lock.acquire()  # held, as a process killed while appending would leave it
+    try:
+        link = Path(str(journal) + ".lock")
+        assert link.is_symlink() and link.resolve() == journal.resolve() and link.exists()
+    finally:
+        lock.release()
 
 
 # -- checkpoints --------------------------------------------------------------------------------

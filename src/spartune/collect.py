@@ -53,7 +53,7 @@ def storage_for(study_dir: Path, url: str | None = None) -> str | optuna.storage
         raise ConfigError("study.name", f"no Optuna journal in {study_dir} ({path.name} is "
                                         f"missing): run `spartune-sweep -cn {study_dir.name}` "
                                         "first, or check the study name")
-    backend = optuna.storages.journal.JournalFileBackend(str(path))
+    backend = optuna.storages.journal.JournalFileBackend(str(path.resolve()))  # sweep.open_storage
     return optuna.storages.JournalStorage(backend)
 
 

@@ -241,9 +241,14 @@ def open_storage(cfg: Config, *, create: bool = True) -> optuna.storages.BaseSto
     from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
     try:
-        lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's appends take
+        # An absolute path: the lock is a symlink to the journal, and a relative one dangles
+        # (it resolves from the link's own folder), so Optuna's grace period, which stats the
+        # link's target, never frees a lock left by a process killed mid-append: every later
+        # run would wait forever. With the target found, such a lock is freed after 30 s.
+        absolute = str(path.resolve())
+        lock = JournalFileSymlinkLock(absolute)  # the lock Optuna's appends take
         repair_journal(path, lock)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+        return optuna.storages.JournalStorage(JournalFileBackend(absolute, lock_obj=lock))
     except Exception as e:
         raise ConfigError("study.storage", f"cannot read {path}: {str(e).splitlines()[0][:200]}"
                           "; move the file away to start afresh") from None

@@ -29,7 +29,7 @@ BIN = Path(sys.executable).parent
 LOW, HIGH = -11, -6  # the grid: log2(lr) = -11 .. -6, one octave apart: 6 points
 GRID = [float(x) for x in range(LOW, HIGH + 1)]
 CELL = "supar/w32/d1/s0"
-WAIT = 240.0  # seconds any one wait may take on a loaded 2-core machine
+WAIT = 600.0  # seconds any one wait may take (a loaded 2-core machine is slow)
 
 
 class CaseFailed(AssertionError):
