@@ -129,3 +129,23 @@ def test_a_trial_stopped_before_its_first_suggestion_is_retried_at_its_grid_poin
     assert sweep.recover(study, cfg) == 1
     sweep.run_worker(cfg)
     _assert_exactly_once(study)
+
+
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_a_trial_killed_before_its_worker_tag_is_recovered(tmp_path, storage):
+    """SIGKILL between `ask` and the `worker` tag leaves an untagged RUNNING trial. On the
+    journal, ask + tag and recovery share one lock, so it is an orphan at once; on a database
+    it is failed once older than the heartbeat's grace period (a young one may be a live
+    worker's, between its two writes)."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}" if storage == "sqlite" else None
+    cfg = _cfg(tmp_path, url)
+    study = sweep._load_cell_study(cfg, sweep.open_storage(cfg), sweep.cells(cfg.study)[0], 0)
+    study.ask()
+    queued = sweep.recover(study, cfg)
+    running = study.get_trials(states=(TrialState.RUNNING,))
+    if storage == "journal":
+        assert queued == 1 and not running
+        sweep.run_worker(cfg)
+        _assert_exactly_once(study)
+    else:
+        assert queued == 0 and len(running) == 1

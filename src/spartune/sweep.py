@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 SAMPLERS = ("tpe", "grid", "random", "gp", "cmaes")
 PRUNERS = ("none", "median", "hyperband")
 JOURNAL = "optuna.journal"
+HEARTBEAT_INTERVAL, HEARTBEAT_GRACE = 60, 180  # seconds (RDB storages)
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -304,7 +306,8 @@ def _open_rdb(url: str, tries: int = 6) -> optuna.storages.RDBStorage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                                  grace_period=HEARTBEAT_GRACE)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt == tries - 1:
                 raise
@@ -540,7 +543,7 @@ def recover(study: optuna.Study, cfg: Config) -> int:
         optuna.storages.fail_stale_trials(study)
     storage = study._storage  # Optuna has no public call to fail another process's trial
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _owner_alive(t.user_attrs.get("worker")):
+        if _orphaned(t, cfg):
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
     if cfg.study.sampler != "grid":
@@ -558,6 +561,24 @@ def recover(study: optuna.Study, cfg: Config) -> int:
     if queued and cfg.study.storage:
         _drop_queued_twins(study)
     return queued
+
+
+def _orphaned(t: Any, cfg: Config) -> bool:
+    """Is this RUNNING trial's process gone?
+
+    A worker tags its trial with `worker` right after `ask`. A trial without the tag was
+    created by a process killed in between: on a journal file both happen under `_ask_lock`,
+    which `recover` holds too, so an untagged trial seen here is an orphan for certain; on a
+    database (no shared lock) it is one once it is older than the heartbeat's grace period,
+    the time after which Optuna would fail a silent trial of a live worker too.
+    """
+    worker = t.user_attrs.get("worker")
+    if worker is not None:
+        return not _owner_alive(worker)
+    if not cfg.study.storage:
+        return True
+    started = t.datetime_start or datetime.now()
+    return (datetime.now() - started).total_seconds() > HEARTBEAT_GRACE
 
 
 def _live(trials: list[Any]) -> list[Any]:
