@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .harness import (
     GRID,
+    CaseFailed,
     check,
     finished,
     invariants,
@@ -139,8 +140,18 @@ def sigkill_random_10_rounds(cwd: Path) -> str:
     args = sweep_args(name, workers=2, steps=80)
     seen: dict[int, tuple] = {}
     for _ in range(10):
+        n_before = len(trials(cwd, name))
         p = start("spartune-sweep", args, cwd)
-        deadline = time.monotonic() + rng.uniform(1.0, 8.0)
+        if rng.random() < 0.3:  # during startup: imports, storage open, recovery
+            delay = rng.uniform(0.2, 3.0)
+        else:  # mid-trial: once a trial of this run is running, at a random point of it
+
+            def own_running(ts, n=n_before) -> bool:
+                return any(t.state.name == "RUNNING" and t.number >= n for t in ts)
+            with contextlib.suppress(CaseFailed):  # this run may find nothing left to do
+                wait_for(cwd, name, own_running, [p])
+            delay = rng.uniform(0.0, 10.0)
+        deadline = time.monotonic() + delay
         while time.monotonic() < deadline and p.popen.poll() is None:
             time.sleep(0.05)
         p.kill_group()
