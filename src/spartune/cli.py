@@ -2,8 +2,9 @@
 
 Each command composes `conf/config.yaml` (plus its own overlay), turns it into the typed
 `Config`, and calls a plain function. The configs are found as resources.py says: a
---config-dir, then ./conf and ./sweeps of the working directory, then the shipped ones. User mistakes end in one line on stderr naming the field
-and the fix, and exit code 2; nothing is written before the config has been validated.
+--config-dir, then ./conf and ./sweeps of the working directory, then the shipped ones.
+User mistakes end in one line on stderr naming the field and the fix, and exit code 2;
+nothing is written before the config has been validated.
 """
 
 from __future__ import annotations
@@ -272,8 +273,9 @@ def _coord(cfg: Config, run_dir: Path) -> None:
 
 
 def _sweep(cfg: Config, run_dir: Path) -> None:
-    from spartune import collect, report, sweep
+    from spartune import collect, report, sweep, trackers
 
+    trackers.check(cfg)
     res = sweep.sweep(cfg)
     trials, curves = collect.load_trials(sweep.open_storage(cfg), cfg.study.name)
     out = sweep.study_dir(cfg)
@@ -296,8 +298,9 @@ def _sweep(cfg: Config, run_dir: Path) -> None:
 
 
 def _transfer(cfg: Config, run_dir: Path) -> None:
-    from spartune import analysis, report, transfer
+    from spartune import analysis, report, trackers, transfer
 
+    trackers.check(cfg)
     res = transfer.run(cfg)
     figs = report.make_figures(res["trials"], res["curves"], res["dir"])
     done = res["trials"][res["trials"]["role"] == "target"]
@@ -329,8 +332,9 @@ def _plot(cfg: Config, run_dir: Path) -> None:
 
 
 def _pipeline(cfg: Config, run_dir: Path) -> None:
-    from spartune import pipeline
+    from spartune import pipeline, trackers
 
+    trackers.check(cfg)
     res = pipeline.run(cfg)
     print(f"pipeline finished in {res['seconds'] / 60:.1f} min")
 

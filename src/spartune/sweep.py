@@ -365,6 +365,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
         value = m["final_val_loss"]
     study.tell(trial, value)
     _drop(ckpt)
+    from spartune import trackers  # logger=...: one run per trial, after Optuna has it
+
+    trackers.log_trial(cfg, cell.key, trial.number, attrs, m)
     return value
 
 
