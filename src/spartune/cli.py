@@ -110,9 +110,33 @@ def _config_dirs(argv: list[str], default: str,
     primary = resources.find(name, all_roots) or all_roots[-1]
     if not any(a.startswith("hydra.searchpath=") for a in argv):
         others = [r.url for r in all_roots if r != primary and r.origin != "--config-dir"]
-        argv = [*argv, f"hydra.searchpath=[{','.join(others)}]"]
+        argv = _add_overrides(argv, f"hydra.searchpath=[{','.join(others)}]")
     # hydra.main takes an absolute folder or pkg://, not file://
     return primary.url if primary.url.startswith("pkg://") else str(primary.path), argv
+
+
+_VALUED = {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "-c", "--cfg",
+           "-p", "--package", "--experimental-rerun"}
+
+
+def _add_overrides(argv: list[str], *new: str) -> list[str]:
+    """Put overrides beside the user's own: Hydra's argparse takes them as one run of
+    positionals, so `-cn x a=1 --cfg job` must not become `-cn x a=1 --cfg job b=2`."""
+    i, first = 0, len(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _VALUED:
+            i += 2
+            continue
+        if arg == "--info" and i + 1 < len(argv) and "=" not in argv[i + 1] \
+                and not argv[i + 1].startswith("-"):
+            i += 2
+            continue
+        if not arg.startswith("-"):
+            first = i
+            break
+        i += 1
+    return [*argv[:first], *new, *argv[first:]]
 
 
 def _command() -> str:
@@ -134,7 +158,7 @@ ABOUT = {
 def _help_overrides(argv: list[str], all_roots: list[resources.Root]) -> list[str]:
     """Name the command in Hydra's --help and list the sweep files under it."""
     if not any(a.startswith("hydra.job.name=") for a in argv):
-        argv = [*argv, f"hydra.job.name={_command()}"]
+        argv = _add_overrides(argv, f"hydra.job.name={_command()}")
     if "--help" in argv or "-h" in argv:
         sweeps = ", ".join(resources.sweep_names(all_roots))
         where = " > ".join(dict.fromkeys(f"{r.origin} {r.path}" for r in all_roots))
@@ -153,7 +177,7 @@ def _help_overrides(argv: list[str], all_roots: list[resources.Root]) -> list[st
             f"Config folders, first wins: {where}\n"
             "spartune-init copies the sweep files into ./sweeps to edit. "
             "Use --hydra-help to view Hydra specific help.\n")
-        argv = [*argv, "hydra.help.template=${oc.env:SPARTUNE_HELP}"]
+        argv = _add_overrides(argv, "hydra.help.template=${oc.env:SPARTUNE_HELP}")
     return argv
 
 
