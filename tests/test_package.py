@@ -138,23 +138,26 @@ def _venv_with_wheel(tmp: Path) -> Path:
     line in a .pth file: a path line does not run the .pth files found there, so this venv's
     editable spartune (a .pth of its own) stays out and only the wheel's copy is importable.
     """
-    copy = tmp / "checkout"
-    for name in ("pyproject.toml", "README.md", "src", "conf", "sweeps"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, copy / name)
-    for junk in copy.rglob("__pycache__"):
-        shutil.rmtree(junk)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SPARTUNE_HOME")}
+    copy = tmp / "checkout"  # pip writes build/ and *.egg-info beside the sources
+    copy.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, copy / name)
+    for name in ("src", "conf", "sweeps"):
+        shutil.copytree(ROOT / name, copy / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     dist = tmp / "dist"
     subprocess.run([PY, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(dist), str(copy)], check=True, timeout=300)
+                    "-w", str(dist), str(copy)], check=True, timeout=300, env=env)
     [wheel] = dist.glob("spartune-*.whl")
     venv = tmp / "venv"
     subprocess.run([PY, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    # The wheel first, into the bare venv: pip must not see (or touch) the editable install.
+    subprocess.run([PY, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+                    "--no-deps", "--no-index", str(wheel)], check=True, timeout=300, env=env)
     site = next((venv / "lib").glob("python3*/site-packages"))
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site / "_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
-    subprocess.run([PY, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-                    "--no-deps", "--no-index", str(wheel)], check=True, timeout=300)
     return venv
 
 

@@ -165,7 +165,7 @@ def _help_overrides(argv: list[str], all_roots: list[resources.Root]) -> list[st
         groups = {}
         for r in all_roots:
             for d in sorted(r.path.iterdir()) if r.kind != "sweeps" else []:
-                if d.is_dir() and d.name != "hydra":
+                if d.is_dir() and d.name != "hydra" and any(d.glob("*.yaml")):
                     groups.setdefault(d.name, resources.group_options(d.name, all_roots))
         group_lines = "\n".join(f"{g}: {', '.join(o or [])}" for g, o in sorted(groups.items()))
         # Through the environment: Hydra's override grammar would need every quote escaped.
