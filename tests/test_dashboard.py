@@ -16,12 +16,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+
 from conftest import tiny_config
 from pg_server import free_port
-from test_postgres import postgres  # noqa: F401  (the fixture: a throwaway server)
-
 from spartune import sweep
 from spartune.config import SearchDim
+from test_postgres import postgres  # noqa: F401  (the fixture: a throwaway server)
 
 pytestmark = pytest.mark.slow  # a sweep, then a web server started and polled
 STARTUP_S = 90  # the most a dashboard may take to answer its first request
@@ -56,7 +56,8 @@ def _dashboard(storage: str, log: Path) -> Iterator[str]:
                 break
             except (urllib.error.URLError, ConnectionError):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"dashboard did not answer: {log.read_text()[-1500:]}")
+                    tail = log.read_text()[-1500:]
+                    raise AssertionError(f"dashboard did not answer: {tail}") from None
                 time.sleep(0.5)
         yield base
     finally:

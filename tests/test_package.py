@@ -128,6 +128,14 @@ def test_bash_completion_installs_for_the_command_and_completes_groups(workdir: 
                                      "logger=wandb"}
 
 
+def test_negative_worker_index_is_one_line(workdir: Path) -> None:
+    r = cli("spartune-sweep", "-cn", "proxy", "+worker=-1", cwd=workdir)
+    assert r.returncode == 2
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("spartune: error: worker: must be an integer >= 0, got -1")
+    assert not (workdir / "results").exists()
+
+
 # -- the wheel, in a fresh venv --------------------------------------------------------------
 
 
@@ -184,7 +192,8 @@ def test_wheel_alone_runs_the_quickstart_from_an_empty_folder(tmp_path: Path) ->
     assert Path(where).is_relative_to(venv), where  # the wheel's copy, not the checkout
     run("spartune-train", "train=smoke")
     assert list((user / "results" / "train").glob("*/.hydra/config.yaml"))
-    run("spartune-sweep", "-cn", "proxy", "train=smoke", "study.n_trials=2", "study.pruner=none")
+    # 3 trials: the fewest LRs per cell that make the LR figure (report.make_figures)
+    run("spartune-sweep", "-cn", "proxy", "train=smoke", "study.n_trials=3", "study.pruner=none")
     assert (user / "results" / "proxy" / "trials.csv").is_file()
     r = run("spartune-plot", "study.name=proxy")
     assert list((user / "results" / "proxy" / "figures").glob("*.png")), r.stdout

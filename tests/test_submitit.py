@@ -10,10 +10,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli
-from test_postgres import postgres  # noqa: F401  (the fixture: a throwaway server)
 
+from conftest import cli
 from spartune.collect import storage_for
+from test_postgres import postgres  # noqa: F401  (the fixture: a throwaway server)
 
 pytestmark = pytest.mark.slow  # two jobs, each a fresh Python importing torch, then trials
 GRID = [-10.0, -9.0, -8.0, -7.0]  # log2(lr): 4 points, one octave apart
