@@ -62,8 +62,6 @@ def test_user_sweeps_and_conf_take_precedence(workdir: Path) -> None:
     r = cli("spartune-sweep", "-cn", "proxy", "--cfg", "job", cwd=workdir)
     assert r.returncode == 0, r.stderr
     assert "name: my_proxy" in r.stdout
-    r = cli("spartune-sweep", "-cn", "lr_stability", "--cfg", "job", cwd=workdir)
-    assert "name: lr_stability" in r.stdout  # the shipped ones are still there
 
 
 def test_config_dir_comes_first(workdir: Path, tmp_path: Path) -> None:

@@ -233,9 +233,6 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
     from omegaconf.errors import OmegaConfBaseException
 
     def main() -> None:
-        from spartune.train import flush_denormals
-
-        flush_denormals()  # before any torch op starts the thread pool (train.flush_denormals)
         argv = sys.argv[1:]
         all_roots = _roots(argv)
         completing = "-sc" in argv or "--shell-completion" in argv
@@ -251,6 +248,10 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
         @hydra.main(version_base="1.3", config_path=primary, config_name=config_name)
         def _main(dcfg: DictConfig) -> None:
             run_dir = _run_dir()
+            # Here, not earlier: --help, --cfg, completion and a bad choice need no torch.
+            from spartune.train import flush_denormals
+
+            flush_denormals()  # before any torch op starts the thread pool (train.flush_denormals)
             try:
                 worker = _pop_worker(dcfg)
                 cfg = to_config(dcfg)
