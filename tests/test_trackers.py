@@ -173,3 +173,14 @@ def test_missing_tracker_library_names_the_extra(workdir: Path, tracker: str,
         f"spartune: error: logger: logger={tracker} needs the {module} package: "
         f"pip install 'spartune[{tracker}]' (or drop logger={tracker})"]
     assert not list((workdir / "results").rglob("optuna.journal"))
+
+
+def test_several_loggers_at_once(workdir: Path) -> None:
+    import yaml
+
+    r = cli("spartune-sweep", "-cn", "proxy", "logger=[tensorboard,mlflow]", "--cfg", "job",
+            cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    logger = yaml.safe_load(r.stdout)["logger"]
+    assert {k: v["enabled"] for k, v in logger.items()} == {
+        "tensorboard": True, "mlflow": True, "wandb": False}
