@@ -454,6 +454,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
                                        _clean(r["val_loss"]), r["lr"]] for r in m["curve"]])
         study.tell(trial, value)
     _drop(ckpt)
+    from spartune import trackers  # logger=...: one run per trial, after Optuna has it
+
+    trackers.log_trial(cfg, cell.key, trial.number, attrs, m)
     return value
 
 
