@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spartune.config import ModelConfig, ParamConfig
-from spartune.parameterize import Parameterization, parameterize
+from spartune.parameterizer import Parameterization, parameterize
 from spartune.params import Role
 from spartune.sparsity import SparseLinear, expected_fan_in
 
