@@ -211,13 +211,17 @@ def build_model(m: ModelConfig, p: ParamConfig, *, vocab_size: int, max_len: int
     """Build on the CPU and parameterize it through `parameterize`: masks and init from seeded
     generators (same seeds, same model), multipliers from the rule table.
 
-    The base is the same GPT at `model.base_width` on the meta device (shapes only), so each
+    The base is the same GPT at `model.base_width` (only its shapes are read), so each
     layer's m_d is its fan_in over the base's; roles are the ones the layers were built with,
     so a proxy at its own base width needs no shape inference.
     """
     model = GPT(m, vocab_size=vocab_size, max_len=max_len)
-    with torch.device("meta"):
-        base = GPT(replace(m, width=m.base_width), vocab_size=vocab_size, max_len=max_len)
+    # The base is small (the proxy's width), so it is built on the CPU: the meta device would
+    # import torch._dynamo (seconds) on its first use in a process, i.e. in every sweep worker.
+    # Its throw-away default init must not move torch's global RNG.
+    rng = torch.get_rng_state()
+    base = GPT(replace(m, width=m.base_width), vocab_size=vocab_size, max_len=max_len)
+    torch.set_rng_state(rng)
     density = {"blocks.*.attn.qkv": m.density_of("qkv"),
                "blocks.*.attn.proj": m.density_of("attn_out"),
                "blocks.*.mlp.up": m.density_of("mlp_up"),
