@@ -59,8 +59,10 @@ def _check_config_name(argv: list[str], root: Path) -> None:
     stem = _config_name(argv)
     if stem is None:
         return
+    user = _config_dir(argv)  # a user's own folder of sweep files (Hydra's --config-dir)
     if not ((root / "conf" / f"{stem}.yaml").is_file()
-            or (root / "sweeps" / f"{stem}.yaml").is_file()):
+            or (root / "sweeps" / f"{stem}.yaml").is_file()
+            or (user is not None and (user / f"{stem}.yaml").is_file())):
         have = sorted(p.stem for p in (root / "sweeps").glob("*.yaml"))
         fail("--config-name", f"no sweep or config named {stem!r}; sweeps/ has "
                               f"{', '.join(have)}")
@@ -98,6 +100,15 @@ def _config_dirs(argv: list[str], default: str, root: Path) -> tuple[Path, list[
     if not any(a.startswith("hydra.searchpath=") for a in argv):
         argv = [*argv, f"hydra.searchpath=[file://{other}]"]
     return primary, argv
+
+
+def _config_dir(argv: list[str]) -> Path | None:
+    for i, arg in enumerate(argv):
+        if arg in ("-cd", "--config-dir") and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--config-dir="):
+            return Path(arg.split("=", 1)[1])
+    return None
 
 
 def _config_name(argv: list[str]) -> str | None:
