@@ -241,3 +241,17 @@ def test_a_killed_user_objective_sweep_resumes_and_completes_the_grid(tmp_path, 
     complete = trials[trials["state"] == "COMPLETE"]
     assert sorted(complete["log2_lr"]) == [-9.0, -8.0, -7.0, -6.0]
     assert (trials["state"] == "FAIL").sum() == 1  # the killed one, failed and re-run
+
+
+def test_ctrl_c_during_a_command_stops_the_command(user_dir, monkeypatch):
+    monkeypatch.setenv("FAKE_PIDS", str(user_dir / "pids"))
+    cfg = _cfg(user_dir, command=COMMAND + " sleep=0.3")
+
+    def interrupted(step, loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        objectives.run(cfg, interrupted, values={"lr": 0.01})
+    pid = int((user_dir / "pids").read_text().split()[-1])
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # already reaped: stopped and waited for, not left running
