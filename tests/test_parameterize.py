@@ -375,3 +375,14 @@ def test_import_spartune_imports_no_torch_hydra_or_optuna():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout.split("\n")
     assert out[0] and out[1] == "[]"
+
+
+def test_a_whole_parameterized_model_pickles(tmp_path):
+    from spartune.model import build_model
+
+    cfg = tiny_config(model__density=0.5)
+    model = build_model(cfg.model, cfg.param, vocab_size=64, max_len=32, seed=0, mask_seed=0)
+    torch.save(model, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k])

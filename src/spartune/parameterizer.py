@@ -86,9 +86,9 @@ class Parameterization:
         self.param = param
         self.rows = rows
         self._params = params
-        self._model = weakref.ref(model)
-        # Not the root: the model holds this handle (and the registry maps model -> handle),
-        # so a strong reference back to it would keep every model of a sweep alive.
+        # Not the root: the registry maps model -> handle (and the built-in GPT holds its
+        # handle), so a reference back to it would keep every model of a sweep alive. No weak
+        # reference either: `torch.save(model)` must be able to pickle the handle.
         self._modules = {k: v for k, v in modules.items() if v is not model}
 
     # -- for the optimizer ---------------------------------------------------------------------
