@@ -52,7 +52,7 @@ def test_every_hidden_projection_is_masked_and_the_rest_dense():
 def test_masks_are_buffers_and_roundtrip_through_state_dict():
     a = _model(mask_seed=1)
     sd = a.state_dict()
-    mask_keys = [k for k in sd if k.endswith(".mask")]
+    mask_keys = [k for k in sd if k.endswith(".weight_mask")]
     assert len(mask_keys) == 8
     b = _model(mask_seed=2)  # different masks...
     assert not torch.equal(sd[mask_keys[0]], b.state_dict()[mask_keys[0]])
@@ -99,7 +99,7 @@ def test_masked_weights_and_adam_moments_stay_exactly_zero(weight_decay):
 
 def test_density_one_has_no_mask_and_no_overhead():
     layer = SparseLinear(8, 8, role="hidden", mask=torch.ones(8, 8, dtype=torch.bool))
-    assert layer.mask is None and "mask" not in layer.state_dict()
+    assert layer.mask is None and "weight_mask" not in layer.state_dict()
 
 
 def test_gradient_is_masked_before_clipping_and_equals_the_masked_product_gradient():

@@ -186,6 +186,13 @@ class StudyConfig:
     storage: str | None = None  # any Optuna storage URL; None: the journal file
     workers: int = 1  # local worker processes; more machines: run the same command there
     role: str = "search"
+    # What a trial runs (objectives.py). Empty and null: the built-in `train.run`. Else a
+    # Python function named the Hydra way, {_target_: mypkg.train.run, **kwargs}, called as
+    # fn(cfg, report, **kwargs) -> metrics; or a command template, e.g.
+    # 'python train.py lr={lr} init_std={init_std}', whose stdout JSON lines
+    # {"step": s, "val_loss": v} are reported and whose last JSON line is the final metrics.
+    objective: dict[str, Any] = field(default_factory=dict)
+    command: str | None = None
 
 
 @dataclass
@@ -326,6 +333,7 @@ def validate(cfg: Config) -> None:
     _check(t.threads >= 0, "train.threads", "must be >= 0 (0 keeps torch's default)")
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: no checkpoints)")
     check_name(cfg.name, "name")
+    validate_objective(cfg.study)
 
 
 def check_name(name: str, field: str) -> None:
@@ -351,6 +359,44 @@ def check_axes(obj: Any, prefix: str, head_size: int) -> None:
     for w in obj.widths:
         _check(w > 0 and w % head_size == 0, f"{prefix}.widths",
                f"width {w} is not a positive multiple of model.head_size={head_size}")
+
+
+# What a `study.command` may name in braces, besides the searched names (study.space): the
+# trial's own values (objectives.command_values fills them).
+COMMAND_PLACEHOLDERS = (
+    "python", "param", "width", "base_width", "density", "base_density", "seed", "mask_seed",
+    "depth", "lr", "init_std", "alpha_input", "alpha_output", "steps", "batch_size", "seq_len",
+    "eval_every", "trial", "study", "cell",
+)
+
+
+def command_fields(command: str) -> list[str]:
+    """The placeholders of a command template, in order; a bad brace is a ConfigError."""
+    import string
+
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(command) if f is not None]
+    except ValueError as e:
+        raise ConfigError("study.command", f"{e}; write a literal brace as {{{{ or }}}}") from None
+
+
+def validate_objective(s: StudyConfig) -> None:
+    """The objective's shape: one of built-in, `_target_` or command; known placeholders."""
+    if s.objective and s.command:
+        raise ConfigError("study.command", "a study runs one objective: set study.command or "
+                          "study.objective._target_, not both")
+    if s.objective:
+        target = s.objective.get("_target_")
+        _check(isinstance(target, str) and "." in target.strip(".") and " " not in target,
+               "study.objective._target_", f"must name a function as module.function (e.g. "
+               f"mypkg.train.run), got {target!r}")
+    if s.command is not None:
+        _check(bool(str(s.command).strip()), "study.command",
+               "is empty; give a command, e.g. 'python train.py lr={lr}', or null")
+        known = set(COMMAND_PLACEHOLDERS) | set(s.space)
+        for name in command_fields(s.command):
+            _check(name in known, "study.command", f"unknown placeholder {{{name}}}; use one of "
+                   f"{', '.join(sorted(known))}")
 
 
 def validate_coord(c: CoordConfig, m: ModelConfig) -> None:

@@ -13,6 +13,9 @@ and MLP output (before the residual add) and the logits (SUPAR.md §4.3, paper F
     spreads(df)         -> max/min across cells per (param, hidden module): the verdict numbers
     verdict(spreads, t) -> (pass, lines to print)
     main(cfg, out_dir)  -> what `spartune-coord` runs: csvs, figure, verdict
+    coord_check(make_model, widths, densities, data=...) -> the same table and verdict for a
+                           model of the user's own (`spartune.parameterize`d); both checks
+                           measure through one `_trace`
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,14 @@ import pandas as pd
 import torch
 
 from spartune.columns import COORD_COLUMNS, COORD_MODULES, HIDDEN_MODULES
-from spartune.config import Config, ConfigError, CoordConfig, validate, validate_coord
+from spartune.config import (
+    Config,
+    ConfigError,
+    CoordConfig,
+    ModelConfig,
+    validate,
+    validate_coord,
+)
 from spartune.data import Corpus
 
 log = logging.getLogger(__name__)
@@ -104,14 +114,39 @@ def _measure_cell(cfg: Config, corpus: Corpus) -> list[dict[str, Any]]:
 
     c, o = cfg.coord, cfg.optim
     s = setup(cfg, corpus=corpus)
-    model, opt, device = s.model, s.optimizer, s.device
-    taps = model.tap_modules()
+    taps = s.model.tap_modules()
     missing = [k for k in COORD_MODULES if k not in taps]
     assert not missing, f"GPT.tap_modules() lacks {missing}"
+    # Same seed -> same batches in every cell, so cells differ only in shape and parameterization.
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    device = s.device
 
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = corpus.train_batch(c.batch_size, c.seq_len, data_gen)
+        return x.to(device), y.to(device)
+
+    def loss_of(model: torch.nn.Module, xy: Any) -> torch.Tensor:
+        return model(*xy)[1]
+
+    rows = _trace(s.model, s.optimizer, taps, batch, loss_of, steps=c.steps, lr=c.lr,
+                  grad_clip=o.grad_clip)
+    cell = {"param": cfg.param.name, "width": cfg.model.width, "density": cfg.model.density,
+            "seed": cfg.seed}
+    return [{**cell, **r} for r in rows]
+
+
+def _trace(model: torch.nn.Module, opt: torch.optim.Optimizer,
+           taps: dict[str, list[torch.nn.Module]], batch: Callable[[], Any],
+           loss_of: Callable[[torch.nn.Module, Any], torch.Tensor], *, steps: int, lr: float,
+           grad_clip: float) -> list[dict[str, Any]]:
+    """The measurement both checks share: `steps` updates at a constant LR (times each group's
+    `lr_mult`), mean |output| of every tapped module kind at the forward pass of each step.
+
+    Rows: step, module, l1; step 1 is the forward pass at init, step t the one before update t.
+    """
     # One list of scalar tensors per kind, refilled by every forward pass. Kept on the device
     # until the step ends: one host sync per step, not one per hook.
-    seen: dict[str, list[torch.Tensor]] = {k: [] for k in COORD_MODULES}
+    seen: dict[str, list[torch.Tensor]] = {k: [] for k in taps}
 
     def hook_for(kind: str) -> Any:
         def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
@@ -120,30 +155,25 @@ def _measure_cell(cfg: Config, corpus: Corpus) -> list[dict[str, Any]]:
         return hook
 
     handles = [mod.register_forward_hook(hook_for(kind))
-               for kind in COORD_MODULES for mod in taps[kind]]
-    # Same seed -> same batches in every cell, so cells differ only in shape and parameterization.
-    data_gen = torch.Generator().manual_seed(cfg.seed)
+               for kind, mods in taps.items() for mod in mods]
     rows: list[dict[str, Any]] = []
     try:
         model.train()
-        for step in range(1, c.steps + 1):
+        for step in range(1, steps + 1):
             # Constant LR, no warm-up: the check wants the large-LR regime from the first update.
             for g in opt.param_groups:
-                g["lr"] = c.lr * g["lr_mult"]
+                g["lr"] = lr * g["lr_mult"]
             for v in seen.values():
                 v.clear()
-            x, y = corpus.train_batch(c.batch_size, c.seq_len, data_gen)
-            _, loss = model(x.to(device), y.to(device))  # the row for `step`: before update `step`
+            loss = loss_of(model, batch())  # the row for `step`: before update `step`
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if o.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
-            for kind in COORD_MODULES:
-                l1 = float(torch.stack(seen[kind]).mean())
-                rows.append({"param": cfg.param.name, "width": cfg.model.width,
-                             "density": cfg.model.density, "seed": cfg.seed, "step": step,
-                             "module": kind, "l1": l1})
+            for kind in taps:
+                l1 = float(torch.stack(seen[kind]).mean()) if seen[kind] else math.nan
+                rows.append({"step": step, "module": kind, "l1": l1})
     finally:
         for h in handles:
             h.remove()
@@ -198,7 +228,8 @@ def _ratio(values: Iterable[float]) -> float:
     return float(v.max() / v.min())
 
 
-def spreads(df: pd.DataFrame, *, steps: Iterable[int] | None = None) -> pd.DataFrame:
+def spreads(df: pd.DataFrame, *, steps: Iterable[int] | None = None,
+            hidden: Sequence[str] = HIDDEN_MODULES) -> pd.DataFrame:
     """Per (param, hidden module): the worst max/min ratio of mean |activation| across cells.
 
     Seeds are averaged first (per cell and step), so the spread measures a systematic trend with
@@ -211,7 +242,7 @@ def spreads(df: pd.DataFrame, *, steps: Iterable[int] | None = None) -> pd.DataF
     Columns: param, module, spread, worst_step, width_spread, density_spread.
     """
     out_cols = ["param", "module", "spread", "worst_step", "width_spread", "density_spread"]
-    h = df[df["module"].isin(HIDDEN_MODULES)].copy()
+    h = df[df["module"].isin(list(hidden))].copy()
     if steps is not None:
         h = h[h["step"].isin(list(steps))]
     if h.empty:
@@ -224,7 +255,7 @@ def spreads(df: pd.DataFrame, *, steps: Iterable[int] | None = None) -> pd.DataF
     rows = []
     params = list(dict.fromkeys(cell["param"]))
     for param in params:
-        for module in HIDDEN_MODULES:
+        for module in hidden:
             g = cell[(cell["param"] == param) & (cell["module"] == module)]
             if g.empty:
                 continue
@@ -245,8 +276,8 @@ def _worst(values: list[float]) -> float:
     return max(vals) if vals else math.nan
 
 
-def verdict(spreads_df: pd.DataFrame, tolerance: float,
-            param: str = "supar") -> tuple[bool, list[str]]:
+def verdict(spreads_df: pd.DataFrame, tolerance: float, param: str = "supar", *,
+            hidden: Sequence[str] = HIDDEN_MODULES) -> tuple[bool, list[str]]:
     """Pass iff every hidden module of `param` spreads at most `tolerance` (max/min).
 
     The other parameterizations are reported for contrast only: SP and µP are expected to drift
@@ -256,7 +287,7 @@ def verdict(spreads_df: pd.DataFrame, tolerance: float,
     lines: list[str] = []
     ok, found = True, False
     pw = max([len(str(p)) for p in spreads_df["param"]] + [len(param)])
-    mw = max(len(m) for m in HIDDEN_MODULES)
+    mw = max(len(m) for m in hidden)
     for r in spreads_df.itertuples(index=False):
         line = (f"{r.param:<{pw}}  {r.module:<{mw}}  spread {r.spread:.2f}x "
                 f"(width {r.width_spread:.2f}x, density {r.density_spread:.2f}x, "
@@ -272,7 +303,7 @@ def verdict(spreads_df: pd.DataFrame, tolerance: float,
             line += "  (not counted)"
         lines.append(line)
     present = set(spreads_df.loc[spreads_df["param"] == param, "module"])
-    for module in HIDDEN_MODULES:
+    for module in hidden:
         if module not in present:
             found = False
             lines.append(f"{param:<{pw}}  {module:<{mw}}  not measured  FAIL")
@@ -319,3 +350,119 @@ def main(cfg: Config, out_dir: Path) -> bool:
     for path in [csv_path, spreads_path, *fig_paths]:
         print(f"wrote {path}")
     return ok
+
+
+# -- the same check on any model factory --------------------------------------------------------
+
+
+@dataclass
+class CoordResult:
+    """What `coord_check` measured: the tidy table (COORD_COLUMNS), the spreads, the verdict."""
+
+    table: pd.DataFrame
+    spreads: pd.DataFrame
+    passed: bool
+    lines: list[str]
+
+    def __str__(self) -> str:
+        judged = "PASSED" if self.passed else "FAILED"
+        return "\n".join([*self.lines, f"coordinate check {judged}"])
+
+
+def coord_check(
+    make_model: Callable[..., Any],
+    widths: Sequence[int],
+    densities: Sequence[float],
+    *,
+    data: Callable[[torch.Generator], Any],
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+    params: Sequence[str] = ("sp", "mup", "supar"),
+    taps: dict[str, list[str]] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int = 10,
+    lr: float = 0.01,
+    grid: str = "cross",
+    tolerance: float = 2.5,
+    grad_clip: float = 1.0,
+    optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
+    judge: str = "supar",
+) -> CoordResult:
+    """`spartune-coord` on a model of your own: is activation scale flat in width and density?
+
+    make_model(width=, density=, param=, seed=) returns a model `spartune.parameterize` has
+        been applied to (or the pair (model, handle)); it is called once per param x cell x seed
+    data(generator) returns one batch; every cell draws from a generator seeded with the seed,
+        so cells differ only in shape and parameterization
+    loss(model, batch) -> scalar; default: model(*batch), taking [1] of a tuple (logits, loss)
+    taps {kind: [module-name globs]}: whose outputs to measure; default: the embeddings, each
+        hidden layer (digit components of its name as '*'), the readout ("logits"). Kinds
+        other than embedding and logits are judged; name them attn / mlp (the blocks' outputs)
+        to get the built-in check's figure from `spartune.plot.coord_figure(result.table)`
+    optimizer(groups) builds the optimizer from `handle.param_groups(lr)`; default AdamW
+        (betas 0.9, 0.95, no weight decay)
+
+    Returns the tidy table (columns COORD_COLUMNS), the spreads and the verdict on `judge`
+    (SμPar by default; SP and µP are measured as the drift it is compared with).
+    """
+    from spartune.parameterizer import parameterization
+
+    c = CoordConfig(params=list(params), widths=list(widths), densities=list(densities),
+                    grid=grid, seeds=list(seeds), steps=steps, lr=lr, tolerance=tolerance)
+    validate_coord(c, ModelConfig(head_size=1))
+    rows: list[dict[str, Any]] = []
+    kinds: list[str] = []
+    for param in params:
+        for width, density in cells(c):
+            for seed in seeds:
+                built = make_model(width=width, density=density, param=param, seed=seed)
+                model, sm = built if isinstance(built, tuple) else (built, None)
+                sm = sm or parameterization(model)
+                if sm is None:
+                    raise ConfigError("make_model", "must return a model spartune.parameterize "
+                                      "was applied to (or the pair (model, handle))")
+                groups = sm.param_groups(lr)
+                opt = (optimizer(groups) if optimizer is not None
+                       else torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0))
+                tapped = _taps(model, sm, taps)
+                kinds = list(dict.fromkeys([*kinds, *tapped]))
+                gen = torch.Generator().manual_seed(seed)
+                cell = {"param": param, "width": width, "density": density, "seed": seed}
+                trace = _trace(model, opt, tapped, lambda g=gen: data(g), loss or _default_loss,
+                               steps=steps, lr=lr, grad_clip=grad_clip)
+                rows += [{**cell, **r} for r in trace]
+    df = pd.DataFrame(rows, columns=COORD_COLUMNS)
+    df = df.astype({"width": int, "density": float, "seed": int, "step": int, "l1": float})
+    hidden = [k for k in kinds if k not in ("embedding", "logits")]
+    sp = spreads(df, hidden=hidden)
+    judged = judge if judge in params else params[0]
+    ok, lines = verdict(sp, tolerance, param=judged, hidden=hidden)
+    return CoordResult(df, sp, ok, lines)
+
+
+def _default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    out = model(*batch) if isinstance(batch, tuple | list) else model(batch)
+    return out[1] if isinstance(out, tuple) else out
+
+
+def _taps(model: torch.nn.Module, sm: Any, taps: dict[str, list[str]] | None
+          ) -> dict[str, list[torch.nn.Module]]:
+    """Module kinds to measure: the user's globs, or embedding / each hidden layer / logits."""
+    import fnmatch
+
+    named = dict(model.named_modules())
+    if taps is None:
+        from spartune.parameterizer import _glob_of
+
+        out: dict[str, list[torch.nn.Module]] = {"embedding": [named[n]
+                                                               for n in sm.embeddings()]}
+        for name, mod, _ in sm.hidden():
+            out.setdefault(_glob_of(name), []).append(mod)
+        out["logits"] = [named[n] for n in sm.readouts() if n in named]
+        return {k: v for k, v in out.items() if v}
+    result = {}
+    for kind, globs in taps.items():
+        mods = [m for n, m in named.items() if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+        if not mods:
+            raise ConfigError(f"taps.{kind}", f"{globs} match no module of the model")
+        result[kind] = mods
+    return result

@@ -2,24 +2,28 @@
 
 Embedding (token + learned position) -> `depth` blocks of [LN, causal self-attention, LN,
 GELU MLP 4x] -> LN -> unembedding. Every hidden projection (QKV, attention out, MLP up, MLP
-down) is a `SparseLinear` with a static mask; embeddings, the output layer, norms and biases
-stay dense (SUPAR.md §2.1). The parameterization enters in exactly three places, all read from
-`params.layer_scale`: `init_weights` (init std), `param_groups` (Adam LR multipliers) and the
-forward multipliers held by `Embedder`, `Attention` and `Unembed`.
+down) is a `SparseLinear`; embeddings, the output layer, norms and biases stay dense
+(SUPAR.md §2.1). The model itself is plain: `build_model` applies the parameterization through
+the public `parameterize` (the same path a user's own model takes), with the roles the layers
+were built with, so masks, init std, Adam LR multipliers and the forward multipliers (held by
+`Embedder`, `Attention` and `Unembed`, which apply them themselves) all come from the one rule
+table in `params.py`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spartune.config import ModelConfig, ParamConfig
-from spartune.params import Role, Scale, attention_scale, layer_scale
-from spartune.sparsity import SparseLinear, expected_fan_in, random_mask
+from spartune.parameterizer import Parameterization, parameterize
+from spartune.params import Role
+from spartune.sparsity import SparseLinear, expected_fan_in
 
 log = logging.getLogger(__name__)
 _WARNED: set[tuple[int, float]] = set()
@@ -48,16 +52,17 @@ class Embedder(nn.Module):
 class Attention(nn.Module):
     """Causal self-attention with the parameterization's logit scale (1/sqrt(d) or 1/d)."""
 
-    def __init__(self, m: ModelConfig, p: ParamConfig, masks: dict[str, Tensor | None]) -> None:
+    def __init__(self, m: ModelConfig) -> None:
         super().__init__()
         w = m.width
         self.n_head, self.head_size = m.n_head, m.head_size
         self.qkv = SparseLinear(w, 3 * w, role="hidden", bias=m.bias,
-                                density=m.density_of("qkv"), mask=masks["qkv"])
+                                density=m.density_of("qkv"))
         self.proj = SparseLinear(w, w, role="hidden", bias=m.bias, residual=True,
-                                 density=m.density_of("attn_out"), mask=masks["attn_out"])
-        # µP family: QK^T / d_head (SUPAR.md §1.2, last row); SP: QK^T / sqrt(d_head).
-        self.scale = attention_scale(p.name, m.head_size)
+                                 density=m.density_of("attn_out"))
+        # Set by build_model from the parameterization: µP family QK^T / d_head (SUPAR.md §1.2,
+        # last row); SP QK^T / sqrt(d_head).
+        self.scale = m.head_size**-0.5
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, c = x.shape
@@ -70,25 +75,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, m: ModelConfig, masks: dict[str, Tensor | None]) -> None:
+    def __init__(self, m: ModelConfig) -> None:
         super().__init__()
         h = m.mlp_ratio * m.width
         self.up = SparseLinear(m.width, h, role="hidden", bias=m.bias,
-                               density=m.density_of("mlp_up"), mask=masks["mlp_up"])
+                               density=m.density_of("mlp_up"))
         self.down = SparseLinear(h, m.width, role="hidden", bias=m.bias, residual=True,
-                                 density=m.density_of("mlp_down"), mask=masks["mlp_down"])
+                                 density=m.density_of("mlp_down"))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.gelu(self.up(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, m: ModelConfig, p: ParamConfig, masks: dict[str, Tensor | None]) -> None:
+    def __init__(self, m: ModelConfig) -> None:
         super().__init__()
         self.ln1 = _tag(nn.LayerNorm(m.width, bias=m.bias), "norm")
-        self.attn = Attention(m, p, masks)
+        self.attn = Attention(m)
         self.ln2 = _tag(nn.LayerNorm(m.width, bias=m.bias), "norm")
-        self.mlp = MLP(m, masks)
+        self.mlp = MLP(m)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
@@ -122,30 +127,19 @@ class Unembed(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, m: ModelConfig, p: ParamConfig, *, vocab_size: int, max_len: int,
-                 mask_seed: int) -> None:
+    """The structure only; `build_model` parameterizes it (masks, init, LR groups, multipliers).
+    """
+
+    def __init__(self, m: ModelConfig, *, vocab_size: int, max_len: int) -> None:
         super().__init__()
-        self.model_cfg, self.param_cfg = m, p
+        self.model_cfg = m
         self.vocab_size, self.max_len = vocab_size, max_len
-        emb = layer_scale(p.name, "embedding", width_mult=m.width_mult,
-                          alpha_input=p.alpha_input)
-        out = layer_scale(p.name, "output", width_mult=m.width_mult,
-                          alpha_output=p.alpha_output)
-        self.embed = Embedder(vocab_size, m.width, max_len, emb.out)
-        gen = torch.Generator().manual_seed(mask_seed)
-        self.blocks = nn.ModuleList(
-            Block(m, p, _block_masks(m, gen)) for _ in range(m.depth)
-        )
+        self.embed = Embedder(vocab_size, m.width, max_len, 1.0)
+        self.blocks = nn.ModuleList(Block(m) for _ in range(m.depth))
         self.ln_f = _tag(nn.LayerNorm(m.width, bias=m.bias), "norm")
-        self.unembed = Unembed(m.width, vocab_size, out.out,
+        self.unembed = Unembed(m.width, vocab_size, 1.0,
                                self.embed.wte if m.tie_embeddings else None)
-        wpn = min(expected_fan_in(layer.in_features, layer.density, m.mask_kind)
-                  for layer in self.hidden_layers())
-        if wpn < 8 and (m.width, m.density) not in _WARNED:
-            _WARNED.add((m.width, m.density))  # once per shape and process, not per trial
-            log.warning("width %d at density %g keeps %.0f weights per neuron in some hidden "
-                        "layer: SμPar's law-of-large-numbers argument is weak there "
-                        "(SUPAR.md §2.3)", m.width, m.density, wpn)
+        self.parameterization: Parameterization | None = None
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -163,13 +157,19 @@ class GPT(nn.Module):
             "logits": [self.unembed],
         }
 
-    def scale_of(self, layer: SparseLinear) -> Scale:
-        m, p = self.model_cfg, self.param_cfg
-        return layer_scale(
-            p.name, "hidden", width_mult=m.width_mult,
-            density_mult=layer.density / p.base_density,
-            residual_depth=m.depth if (layer.residual and p.depth_init_scale) else None,
-        )
+    def roles(self) -> dict[str, Role]:
+        """Every parameter's role, from the role its module was built with (not from names).
+        The tied unembedding is the embedding's parameter: it has no entry of its own."""
+        out: dict[str, Role] = {}
+        for mod_name, mod in self.named_modules():
+            role = getattr(mod, "role", None)
+            for leaf, _ in mod.named_parameters(recurse=False, prefix=mod_name):
+                name = leaf
+                if role == "hidden" or role == "norm":
+                    out[name] = "bias" if name.endswith(".bias") else role
+                elif role in ("embedding", "output"):
+                    out[name] = role
+        return out
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -181,57 +181,16 @@ class GPT(nn.Module):
 
     # -- the parameterization ------------------------------------------------------------------
 
-    @torch.no_grad()
-    def init_weights(self, init_std: float, generator: torch.Generator | None = None) -> None:
-        """Init every weight from sigma_base and its role's multiplier (SUPAR.md §6 step 3)."""
-        for mod in self.modules():
-            role = getattr(mod, "role", None)
-            if isinstance(mod, SparseLinear):
-                mod.init_(init_std * self.scale_of(mod).init, generator)
-            elif role == "embedding":
-                nn.init.normal_(mod.weight, 0.0, init_std, generator=generator)
-            elif role == "output" and not mod.tied:
-                nn.init.normal_(mod.weight, 0.0, init_std, generator=generator)
-            elif role == "norm":
-                nn.init.ones_(mod.weight)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-
     def param_groups(self, weight_decay: float, *, wd_independent: bool = False) -> list[dict]:
-        """AdamW groups, each with an `lr_mult`: the schedule sets the base LR, groups multiply.
-
-        Hidden weights get the parameterization's LR multiplier (SUPAR.md §1.2 row 2); embeddings,
-        the untied output, norms and biases keep eta_base. Weight decay applies to >= 2-D
-        weights only. With `wd_independent`, a group's decay is divided by its LR multiplier so
-        that AdamW's per-step decay lr * wd is eta_base * wd everywhere.
+        """AdamW groups from the parameterization, each with an `lr_mult` (SUPAR.md §1.2 row 2):
+        the schedule sets the base LR and groups multiply. See `Parameterization.param_groups`.
         """
-        buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
-        seen: set[int] = set()
-
-        def add(param: nn.Parameter, lr_mult: float, decay: bool) -> None:
-            if id(param) in seen:
-                return  # the tied unembedding is the embedding: one parameter, one group
-            seen.add(id(param))
-            buckets.setdefault((lr_mult, decay), []).append(param)
-
-        for mod in self.modules():
-            if isinstance(mod, SparseLinear):
-                add(mod.weight, self.scale_of(mod).lr, True)
-                if mod.bias is not None:
-                    add(mod.bias, 1.0, False)
-            elif getattr(mod, "role", None) in ("embedding", "output"):
-                add(mod.weight, 1.0, True)
-            elif getattr(mod, "role", None) == "norm":
-                for prm in mod.parameters(recurse=False):
-                    add(prm, 1.0, False)
-        missing = [n for n, prm in self.named_parameters() if id(prm) not in seen]
-        assert not missing, f"parameters without a role: {missing}"
-        groups = []
-        for (lr_mult, decay), ps in buckets.items():
-            wd = weight_decay if decay else 0.0
-            if wd_independent and decay:
-                wd = weight_decay / lr_mult
-            groups.append({"params": ps, "lr_mult": lr_mult, "weight_decay": wd})
+        if self.parameterization is None:
+            raise RuntimeError("build the GPT with build_model: it has no parameterization")
+        groups = self.parameterization.param_groups(1.0, weight_decay,
+                                                    wd_independent=wd_independent)
+        for g in groups:
+            del g["lr"]  # the optimizer's lr is eta_base; the training loop multiplies lr_mult
         return groups
 
     # -- forward -----------------------------------------------------------------------------
@@ -247,20 +206,48 @@ class GPT(nn.Module):
         return logits, loss
 
 
-def _block_masks(m: ModelConfig, gen: torch.Generator) -> dict[str, Tensor | None]:
-    """One mask per hidden projection of a block, drawn in a fixed order from one generator."""
-    w, h = m.width, m.mlp_ratio * m.width
-    shapes = {"qkv": (3 * w, w), "attn_out": (w, w), "mlp_up": (h, w), "mlp_down": (w, h)}
-    out: dict[str, Tensor | None] = {}
-    for name, shape in shapes.items():
-        d = m.density_of(name)
-        out[name] = random_mask(shape, d, gen, m.mask_kind) if d < 1 else None
-    return out
-
-
 def build_model(m: ModelConfig, p: ParamConfig, *, vocab_size: int, max_len: int,
                 seed: int, mask_seed: int) -> GPT:
-    """Build on the CPU, draw masks and init from seeded generators: same seeds, same model."""
-    model = GPT(m, p, vocab_size=vocab_size, max_len=max_len, mask_seed=mask_seed)
-    model.init_weights(m.init_std, torch.Generator().manual_seed(seed))
+    """Build on the CPU and parameterize it through `parameterize`: masks and init from seeded
+    generators (same seeds, same model), multipliers from the rule table.
+
+    The base is the same GPT at `model.base_width` (only its shapes are read), so each
+    layer's m_d is its fan_in over the base's; roles are the ones the layers were built with,
+    so a proxy at its own base width needs no shape inference.
+    """
+    model = GPT(m, vocab_size=vocab_size, max_len=max_len)
+    # The base is small (the proxy's width), so it is built on the CPU: the meta device would
+    # import torch._dynamo (seconds) on its first use in a process, i.e. in every sweep worker.
+    # Its throw-away default init must not move torch's global RNG.
+    rng = torch.get_rng_state()
+    base = GPT(replace(m, width=m.base_width), vocab_size=vocab_size, max_len=max_len)
+    torch.set_rng_state(rng)
+    density = {"blocks.*.attn.qkv": m.density_of("qkv"),
+               "blocks.*.attn.proj": m.density_of("attn_out"),
+               "blocks.*.mlp.up": m.density_of("mlp_up"),
+               "blocks.*.mlp.down": m.density_of("mlp_down")}
+    sm = parameterize(
+        model, base=base, param=p.name, density=density, init_std=m.init_std,
+        alpha_input=p.alpha_input, alpha_output=p.alpha_output, base_density=p.base_density,
+        roles=model.roles(),
+        residual=("blocks.*.attn.proj", "blocks.*.mlp.down") if p.depth_init_scale else (),
+        depth=m.depth if p.depth_init_scale else None,
+        mask_kind=m.mask_kind, mask_seed=mask_seed, seed=seed, forward_hooks=False,
+    )
+    # The GPT applies its multipliers itself (Unembed scales the smaller side of its matmul).
+    model.embed.mult, model.unembed.mult = sm.input_mult, sm.output_mult
+    for block in model.blocks:
+        block.attn.scale = sm.attention_scale(m.head_size)
+    model.parameterization = sm
+    _warn_low_fan_in(model, m)
     return model
+
+
+def _warn_low_fan_in(model: GPT, m: ModelConfig) -> None:
+    wpn = min(expected_fan_in(layer.in_features, layer.density, m.mask_kind)
+              for layer in model.hidden_layers())
+    if wpn < 8 and (m.width, m.density) not in _WARNED:
+        _WARNED.add((m.width, m.density))  # once per shape and process, not per trial
+        log.warning("width %d at density %g keeps %.0f weights per neuron in some hidden "
+                    "layer: SμPar's law-of-large-numbers argument is weak there "
+                    "(SUPAR.md §2.3)", m.width, m.density, wpn)

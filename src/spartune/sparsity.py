@@ -1,12 +1,13 @@
-"""Static random unstructured sparsity: masks, and the linear layer that carries one.
+"""Static random unstructured sparsity: masks, how a layer carries one, the layout seam.
 
 The paper's sparse layer is Y = X (W ⊙ M) with a fixed random mask M (SUPAR.md §2.1). Here the
-mask is a bool *buffer* of the layer, so `state_dict`, `.to(device)` and checkpoints carry it
-(the reference code keeps it as a plain attribute, which DDP ranks and checkpoints lose,
-SUPAR.md §2.3). It is drawn on the CPU from a seeded generator, so the same seed gives the same
-mask on any device.
+mask is a bool *buffer* of the layer (`weight_mask`, installed by `install_mask` on any module:
+the built-in `SparseLinear` or a user's `nn.Linear`), so `state_dict`, `.to(device)` and
+checkpoints carry it (the reference code keeps it as a plain attribute, which DDP ranks and
+checkpoints lose, SUPAR.md §2.3). It is drawn on the CPU from a seeded generator, so the
+same seed gives the same mask on any device.
 
-Why masked weights stay exactly zero, and why the forward pass can use W itself: `SparseLinear`
+Why masked weights stay exactly zero, and why the forward pass can use W itself: `install_mask`
 zeroes the masked entries at init (and on `load_state_dict`), so W == W ⊙ M bit for bit and
 the forward computes X W^T with no product and no extra autograd node. The gradient is masked
 instead: a post-accumulate-grad hook multiplies W.grad by M in place as soon as backward has
@@ -20,7 +21,9 @@ out-of-place product in forward plus another in backward (benchmarks/mask_overhe
 
 from __future__ import annotations
 
+import math
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,9 +34,12 @@ from spartune.params import Role
 
 
 def random_mask(
-    shape: tuple[int, int], density: float, generator: torch.Generator, kind: str = "per_row"
+    shape: tuple[int, ...], density: float, generator: torch.Generator, kind: str = "per_row"
 ) -> Tensor:
     """A random (d_out, d_in) bool mask with the given density.
+
+    A weight of more than two dims (a convolution's (out, in, *kernel)) is masked as the 2-D
+    (out, in * kernel) matrix of its fan-ins and given back in its own shape.
 
     kind:
       per_row    every output neuron keeps exactly max(1, round(density * d_in)) inputs, chosen at
@@ -42,6 +48,9 @@ def random_mask(
       exact      exactly round(density * numel) entries kept, anywhere.
       bernoulli  i.i.d. Bernoulli(density) per entry (the reference code's choice).
     """
+    if len(shape) > 2:
+        flat = (shape[0], math.prod(shape[1:]))
+        return random_mask(flat, density, generator, kind).view(shape)
     d_out, d_in = shape
     if density >= 1.0:
         return torch.ones(shape, dtype=torch.bool)
@@ -60,14 +69,96 @@ def random_mask(
     raise ValueError(f"unknown mask kind {kind!r}; choose per_row, exact or bernoulli")
 
 
+def mask_name(param_name: str) -> str:
+    """The buffer holding a parameter's mask: `weight` -> `weight_mask` (torch.nn.utils.prune's
+    convention, so a state dict reads the same to anyone who knows that module)."""
+    return f"{param_name}_mask"
+
+
+def install_mask(module: nn.Module, param_name: str, mask: Tensor) -> None:
+    """Make `module.<param_name>` a statically masked parameter, in place (the `masked` layout).
+
+    The mask becomes the buffer `<param_name>_mask` (so `state_dict`, `.to(device)`, DDP's
+    buffer broadcast and checkpoints carry it); the masked entries of the parameter are zeroed
+    now and after every `load_state_dict`; a post-accumulate-grad hook multiplies the gradient
+    by the mask as soon as backward has written it (module docstring: why this keeps masked
+    entries exactly zero under AdamW). The module's forward is not touched: its weight *is*
+    W ⊙ M. An all-ones mask installs nothing (density 1: no buffer, no per-step multiply).
+    """
+    param = getattr(module, param_name)
+    if not isinstance(param, nn.Parameter):
+        raise TypeError(f"{type(module).__name__}.{param_name} is not a parameter")
+    if tuple(mask.shape) != tuple(param.shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} != parameter shape {tuple(param.shape)}")
+    if bool(mask.all()):
+        return
+    buf = mask_name(param_name)
+    if buf in module._buffers:
+        raise ValueError(f"{type(module).__name__}.{param_name} already has a mask")
+    module.register_buffer(buf, mask.to(device=param.device, dtype=torch.bool))
+    with torch.no_grad():
+        if param.device.type != "meta":
+            param.mul_(getattr(module, buf))
+    # A weak reference: the hook lives on the parameter, which the module owns; it reads the
+    # buffer at call time so that `.to(device)` (which replaces the buffer) is seen.
+    ref = weakref.ref(module)
+
+    def mask_grad(p: Tensor) -> None:
+        owner = ref()
+        m = None if owner is None else owner._buffers.get(buf)
+        if m is not None and p.grad is not None:
+            # The bool mask viewed as uint8 (no copy): on CPU, float * uint8 avoids the slower
+            # bool type-promotion path of float * bool.
+            p.grad.mul_(m.view(torch.uint8))
+
+    param.register_post_accumulate_grad_hook(mask_grad)
+    if not getattr(module, "_spartune_load_hook", False):
+        module.register_load_state_dict_post_hook(_zero_masked_after_load)
+        module._spartune_load_hook = True  # type: ignore[assignment]
+
+
+@torch.no_grad()
+def apply_masks_(module: nn.Module) -> None:
+    """Zero the masked entries of every masked parameter of `module` itself (not children)."""
+    for name, param in module.named_parameters(recurse=False):
+        m = module._buffers.get(mask_name(name))
+        if m is not None:
+            param.mul_(m)
+
+
+def _zero_masked_after_load(module: nn.Module, incompatible: Any) -> None:
+    """A loaded state dict could carry non-zero masked entries (e.g. written by other code)."""
+    apply_masks_(module)
+
+
+# Sparse layer layouts: how a hidden layer holds its mask. `masked` is dense storage with a
+# masked gradient (above). A layout is `install(module, param_name, mask)`, applied in place by
+# `parameterize` per hidden layer; `auto` picks one per layer (`resolve_layout`). The rule table
+# does not know the layout: it gives init std and LR multipliers whatever the storage.
+Layout = Callable[[nn.Module, str, Tensor], None]
+LAYOUTS: dict[str, Layout] = {"masked": install_mask}
+SPARSE_IMPLS = ("masked", "compressed", "auto")
+
+
+def resolve_layout(impl: str, shape: tuple[int, ...], density: float) -> str:
+    """The layout one hidden layer gets: `auto` is `masked` until a faster layout exists."""
+    if impl not in SPARSE_IMPLS:
+        raise ValueError(f"unknown sparse_impl {impl!r}; choose one of {', '.join(SPARSE_IMPLS)}")
+    if impl == "auto":
+        return "masked"
+    if impl not in LAYOUTS:
+        raise ValueError(f"sparse_impl={impl!r} is not available in this version; use masked "
+                         "or auto")
+    return impl
+
+
 class SparseLinear(nn.Linear):
     """A linear layer with a role (SUPAR.md roles) and an optional static mask.
 
     `role`, `density` and `residual` are fixed at construction so that init and optimizer code
-    never recover them from parameter names (STYLE_ANCHORS rule 3).
+    never recover them from parameter names (STYLE_ANCHORS rule 3). The mask, when there is
+    one, is installed by `install_mask` (here, or by `parameterize`): the buffer `weight_mask`.
     """
-
-    mask: Tensor | None
 
     def __init__(
         self,
@@ -84,23 +175,13 @@ class SparseLinear(nn.Linear):
         self.role: Role = role
         self.density = density
         self.residual = residual  # writes into the residual stream (attn out, mlp down)
-        if mask is not None and bool(mask.all()):
-            mask = None  # density 1: no buffer, no per-step multiply
-        self.register_buffer("mask", mask)
         if mask is not None:
-            # A weak reference: the hook lives on the parameter, which the module owns; it reads
-            # `self.mask` at call time so that `.to(device)` (which replaces the buffer) is seen.
-            ref = weakref.ref(self)
+            install_mask(self, "weight", mask)
 
-            def mask_grad(param: Tensor) -> None:
-                layer = ref()
-                if layer is not None and layer.mask is not None and param.grad is not None:
-                    # The bool mask viewed as uint8 (no copy): on CPU, float * uint8 avoids the
-                    # slower bool type-promotion path of float * bool.
-                    param.grad.mul_(layer.mask.view(torch.uint8))
-
-            self.weight.register_post_accumulate_grad_hook(mask_grad)
-            self.register_load_state_dict_post_hook(_zero_masked_after_load)
+    @property
+    def mask(self) -> Tensor | None:
+        """The weight's bool mask, or None for a dense layer."""
+        return self._buffers.get("weight_mask")
 
     @torch.no_grad()
     def init_(self, std: float, generator: torch.Generator | None = None) -> None:
@@ -113,14 +194,13 @@ class SparseLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         # W's masked entries are exactly 0 (module docstring), so W is W ⊙ M; the gradient is
-        # masked by the hook registered in __init__.
+        # masked by the hook `install_mask` registered.
         return F.linear(x, self.weight, self.bias)
 
     @torch.no_grad()
     def apply_mask_(self) -> None:
         """Zero the masked entries of W: for code that writes weights directly."""
-        if self.mask is not None:
-            self.weight.mul_(self.mask)
+        apply_masks_(self)
 
     def nonzero(self) -> int:
         """Weights that can be non-zero (the mask's count), for n_nonzero_params."""
@@ -128,12 +208,6 @@ class SparseLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, role={self.role}, density={self.density:g}"
-
-
-def _zero_masked_after_load(module: nn.Module, incompatible: Any) -> None:
-    """A loaded state dict could carry non-zero masked entries (e.g. written by other code)."""
-    if isinstance(module, SparseLinear):
-        module.apply_mask_()
 
 
 def expected_fan_in(d_in: int, density: float, kind: str = "per_row") -> float:

@@ -396,8 +396,9 @@ def _clean(v: Any) -> Any:
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell) -> float | None:
-    """Run one training run as `trial`, record everything in its user attrs, and tell Optuna."""
-    from spartune import train
+    """Run the study's objective (objectives.py: the built-in training run, a Python function
+    or a command) as `trial`, record everything in its user attrs, and tell Optuna."""
+    from spartune import objectives
 
     values = _suggest(trial, cfg)
     run_cfg = cell_config(cfg, cell, values)
@@ -421,11 +422,18 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
 
     ckpt = checkpoint_path(cfg, cell, trial.params)
     try:
-        m = train.run(run_cfg, report, checkpoint=ckpt)
+        m = objectives.run(run_cfg, report, checkpoint=ckpt, values=values, trial=trial.number,
+                           cell=cell.key)
     except optuna.TrialPruned:
         _drop(ckpt)
         with stops.deferred():
             study.tell(trial, state=TrialState.PRUNED)
+        return None
+    except objectives.TrialFailed as e:  # the user's code failed at this point: go on
+        with stops.deferred():
+            trial.set_user_attr("error", str(e)[:500])
+            study.tell(trial, state=TrialState.FAIL)
+        print(f"spartune: trial {cell.key}#{trial.number} failed: {e}", file=sys.stderr)
         return None
     except ConfigError:
         with stops.deferred():
@@ -447,9 +455,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
     else:
         value = m["final_val_loss"]
     with stops.deferred():  # a finished run is recorded whole, or re-run whole
-        for k in ("final_train_loss", "final_val_loss", "best_val_loss", "diverged", "steps",
-                  "tokens_per_second", "n_params", "n_nonzero_params", "train_seconds"):
-            trial.set_user_attr(k, _clean(m[k]))
+        for k in objectives.METRIC_KEYS:
+            trial.set_user_attr(k, _clean(m.get(k)))
         trial.set_user_attr("curve", [[r["step"], _clean(r["train_loss"]),
                                        _clean(r["val_loss"]), r["lr"]] for r in m["curve"]])
         study.tell(trial, value)
