@@ -18,8 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spartune.config import ModelConfig, ParamConfig
+from spartune.layouts import CompressedLinear, HiddenLayer, apply_layout, trained_weight
 from spartune.params import Role, Scale, attention_scale, layer_scale
 from spartune.sparsity import SparseLinear, expected_fan_in, random_mask
+
+# A hidden layer is masked (dense storage) or compressed (non-zeros only): layouts.py. The rules
+# below read role, density and residual, which both layouts carry.
+HIDDEN = (SparseLinear, CompressedLinear)
 
 log = logging.getLogger(__name__)
 _WARNED: set[tuple[int, float]] = set()
@@ -149,9 +154,9 @@ class GPT(nn.Module):
 
     # -- structure ---------------------------------------------------------------------------
 
-    def hidden_layers(self) -> Iterator[SparseLinear]:
+    def hidden_layers(self) -> Iterator[HiddenLayer]:
         for mod in self.modules():
-            if isinstance(mod, SparseLinear):
+            if isinstance(mod, HIDDEN):
                 yield mod
 
     def tap_modules(self) -> dict[str, list[nn.Module]]:
@@ -163,7 +168,7 @@ class GPT(nn.Module):
             "logits": [self.unembed],
         }
 
-    def scale_of(self, layer: SparseLinear) -> Scale:
+    def scale_of(self, layer: HiddenLayer) -> Scale:
         m, p = self.model_cfg, self.param_cfg
         return layer_scale(
             p.name, "hidden", width_mult=m.width_mult,
@@ -172,11 +177,15 @@ class GPT(nn.Module):
         )
 
     def n_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters of the architecture: a compressed layer counts its dense shape too."""
+        dropped = sum(layer.in_features * layer.out_features - layer.nonzero()
+                      for layer in self.hidden_layers() if isinstance(layer, CompressedLinear))
+        return sum(p.numel() for p in self.parameters()) + dropped
 
     def n_nonzero_params(self) -> int:
         """Parameters that can be non-zero: masked entries of hidden weights do not count."""
-        masked = sum(layer.weight.numel() - layer.nonzero() for layer in self.hidden_layers())
+        masked = sum(layer.in_features * layer.out_features - layer.nonzero()
+                     for layer in self.hidden_layers())
         return self.n_params() - masked
 
     # -- the parameterization ------------------------------------------------------------------
@@ -186,7 +195,7 @@ class GPT(nn.Module):
         """Init every weight from sigma_base and its role's multiplier (SUPAR.md §6 step 3)."""
         for mod in self.modules():
             role = getattr(mod, "role", None)
-            if isinstance(mod, SparseLinear):
+            if isinstance(mod, HIDDEN):
                 mod.init_(init_std * self.scale_of(mod).init, generator)
             elif role == "embedding":
                 nn.init.normal_(mod.weight, 0.0, init_std, generator=generator)
@@ -215,8 +224,8 @@ class GPT(nn.Module):
             buckets.setdefault((lr_mult, decay), []).append(param)
 
         for mod in self.modules():
-            if isinstance(mod, SparseLinear):
-                add(mod.weight, self.scale_of(mod).lr, True)
+            if isinstance(mod, HIDDEN):
+                add(trained_weight(mod), self.scale_of(mod).lr, True)
                 if mod.bias is not None:
                     add(mod.bias, 1.0, False)
             elif getattr(mod, "role", None) in ("embedding", "output"):
@@ -259,8 +268,13 @@ def _block_masks(m: ModelConfig, gen: torch.Generator) -> dict[str, Tensor | Non
 
 
 def build_model(m: ModelConfig, p: ParamConfig, *, vocab_size: int, max_len: int,
-                seed: int, mask_seed: int) -> GPT:
-    """Build on the CPU, draw masks and init from seeded generators: same seeds, same model."""
+                seed: int, mask_seed: int, device: str | torch.device = "cpu") -> GPT:
+    """Build on the CPU, draw masks and init from seeded generators: same seeds, same model.
+
+    Then each hidden layer gets its layout (`m.sparse_impl`; `auto` decides for the `device`
+    the model will run on): a compressed layer keeps the masked layer's init values.
+    """
     model = GPT(m, p, vocab_size=vocab_size, max_len=max_len, mask_seed=mask_seed)
     model.init_weights(m.init_std, torch.Generator().manual_seed(seed))
+    apply_layout(model, m.sparse_impl, device)
     return model
