@@ -46,14 +46,15 @@ IMPLS = ("masked", "compressed", "auto")
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 # -- the auto rule ---------------------------------------------------------------------------
-# Measured with benchmarks/sparse_speed.py --rule on the 2-core CPU (README table): the CSR
-# forward + input gradient + sampled weight gradient beat the dense matmuls of a layer at
-# density <= 1/32 once the layer has >= 2^19 weights (e.g. 1024 x 512); below that size, the
-# fixed cost of three sparse kernel calls per step and the transposes eat the gain, and at
-# density >= 1/16 dense BLAS wins or ties. The margin keeps `auto` from ever picking the slower
-# side by the noise of one measurement.
-AUTO_MAX_DENSITY = 1 / 32
-AUTO_MIN_NUMEL = 2**19
+# Measured with `benchmarks/sparse_speed.py --rule` on the 2-core CPU (README, "Sparse layers
+# that cost less"): one layer's forward + backward on 1024 tokens, compressed vs masked, widths
+# 256-1024, the GPT's four hidden shapes, densities 1/8-1/64. Compressed won by 1.4-2.7x at
+# density 1/64 on every layer of >= 2^19 weights (1536 x 512 and up), by 1.1-1.7x at 1/32 on
+# layers of >= 2^20 weights (1024 x 1024 and up) but not on smaller ones (0.87-1.36x), and lost
+# or tied at 1/16 and 1/8 (0.3-1.3x, dense BLAS wins). Below 2^19 weights the fixed cost of the
+# three sparse kernel calls and the transposes ate the gain (0.9-1.3x at 1/64, within noise).
+# So: (fewest weights, highest density) pairs where compressed is picked; masked elsewhere.
+AUTO_RULE = ((2**20, 1 / 32), (2**19, 1 / 64))
 AUTO_DEVICES = ("cpu",)  # CUDA: not measured here; auto keeps masked there
 
 
@@ -63,7 +64,8 @@ def choose(shape: tuple[int, int], density: float, device: str | torch.device = 
     if density >= 1.0 or kind not in AUTO_DEVICES:
         return "masked"
     numel = shape[0] * shape[1]
-    return "compressed" if density <= AUTO_MAX_DENSITY and numel >= AUTO_MIN_NUMEL else "masked"
+    fast = any(numel >= n and density <= d for n, d in AUTO_RULE)
+    return "compressed" if fast else "masked"
 
 
 # -- CSR helpers -----------------------------------------------------------------------------
