@@ -303,6 +303,9 @@ def apply_layout(model: nn.Module, impl: str,
         elif isinstance(layer, SparseLinear):
             chosen[name] = pick(layer, impl, device)
             if chosen[name] == "compressed":
+                if not name:
+                    raise ValueError("the model is itself a SparseLinear: use "
+                                     "CompressedLinear.from_masked(layer)")
                 _replace(model, name, CompressedLinear.from_masked(layer))
     return chosen
 
