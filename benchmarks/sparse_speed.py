@@ -94,12 +94,12 @@ class Stepper:
 
 
 def measure_density(density: float, width: int, batch: int, seq: int, rounds: int,
-                    corpus: Corpus, threads: int) -> dict[str, Any]:
+                    corpus: Corpus, threads: int, warmup: int = 2) -> dict[str, Any]:
     sides = [s for s in SIDES if not (s == "compressed" and density >= 1)]
     steppers = {s: Stepper(s, width, density, batch, seq, corpus, threads) for s in sides}
     for st in steppers.values():  # warm-up: AdamW state, allocator, kernels
-        st.step()
-        st.step()
+        for _ in range(warmup):
+            st.step()
     times: dict[str, list[float]] = {s: [] for s in sides}
     for r in range(rounds):
         for s, st in steppers.items():
@@ -122,6 +122,11 @@ def measure_density(density: float, width: int, batch: int, seq: int, rounds: in
     out["auto_x_best"] = median(paired_ratios(fastest, times["auto"]))
     del steppers
     gc.collect()
+    print(f"# density {density:g}: tokens/s masked {out['masked_tok_s']:.0f}, compressed "
+          f"{out.get('compressed_tok_s', float('nan')):.0f}, auto {out['auto_tok_s']:.0f}; "
+          f"compressed/masked {out['compressed_x']:.3f}, auto/faster {out['auto_x_best']:.3f}; "
+          f"per-round seconds " + "; ".join(f"{s} " + " ".join(f"{t:.2f}" for t in times[s])
+                                            for s in sides), flush=True)
     return out
 
 
@@ -185,6 +190,9 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--width", type=int, default=None, help="model width (1024)")
     p.add_argument("--rounds", type=int, default=None, help="timed steps per side (7)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (2)")
+    p.add_argument("--densities", type=float, nargs="+", default=None,
+                   help="densities (1 0.25 0.0625 0.015625)")
     p.add_argument("--rule", action="store_true", help="time single layers (the auto rule)")
     add_step_options(p)
     a = p.parse_args()
@@ -198,13 +206,14 @@ def main() -> None:
         return
     width = a.width or (128 if a.quick else 1024)
     batch, seq = (2, 32) if a.quick else (8, 128)
-    densities = [1.0, 1 / 64] if a.quick else [1.0, 1 / 4, 1 / 16, 1 / 64]
+    densities = a.densities or ([1.0, 1 / 64] if a.quick else [1.0, 1 / 4, 1 / 16, 1 / 64])
     rounds = a.rounds or (2 if a.quick else 7)
     print_machine(f"{NAME}: whole training step, SμPar width {width} depth 2, batch {batch}x"
                   f"{seq}, masked vs compressed vs auto, {a.threads} threads, denormals "
-                  f"{a.denormals}, {rounds} alternating rounds")
+                  f"{a.denormals}, {a.warmup} warm-up + {rounds} alternating rounds")
     corpus = load_corpus(bench_config().data)
-    rows = [measure_density(d, width, batch, seq, rounds, corpus, a.threads) for d in densities]
+    rows = [measure_density(d, width, batch, seq, rounds, corpus, a.threads, a.warmup)
+            for d in densities]
 
     def mem(r: dict[str, Any], side: str, keys: tuple[str, ...]) -> float:
         m = r.get(f"{side}_mem")
