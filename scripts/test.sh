@@ -38,7 +38,7 @@ install_postgresql() {
 }
 
 install_postgresql || true
-SPARTUNE_EXTRAS=test,postgres source scripts/_install.sh
+SPARTUNE_EXTRAS=test,postgres,all source scripts/_install.sh
 export MPLBACKEND=Agg
 set +e
 .venv/bin/python -m pytest "$@"

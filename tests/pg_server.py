@@ -9,6 +9,7 @@ here); the data folder is a fresh temp folder owned by that user. Nothing here n
     server.start()                      # raises PgError (with the server log's tail) on failure
     server.create_database("sweeps")
     url = server.url("sweeps")          # postgresql://spartune@127.0.0.1:PORT/sweeps
+    server.pause(); server.resume()     # an outage: stopped, then started on the same port
     server.stop()                       # pg_ctl stop -m fast; kills what is left; removes it all
 """
 
@@ -186,6 +187,19 @@ class PgServer:
     def create_database(self, name: str) -> None:
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", ROLE, name,
                   as_server=False)
+
+    def pause(self) -> None:
+        """Stop the server as an outage would (fast: clients are cut off), keeping its data
+        folder and port for `resume`."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop",
+                  timeout=60)
+        self._started = False
+
+    def resume(self) -> None:
+        """Start the paused server again on the same port, with the same data."""
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
+                  "-o", f"-p {self.port}", "start", timeout=90)
+        self._started = True
 
     def stop(self, keep_log: Path | None = None) -> None:
         """Stop the server (fast: disconnects clients), kill anything left, remove the folder.

@@ -1,8 +1,10 @@
 """Hydra entry points: the only module that imports Hydra (STYLE_ANCHORS rule 6).
 
 Each command composes `conf/config.yaml` (plus its own overlay), turns it into the typed
-`Config`, and calls a plain function. User mistakes end in one line on stderr naming the field
-and the fix, and exit code 2; nothing is written before the config has been validated.
+`Config`, and calls a plain function. The configs are found as resources.py says: a
+--config-dir, then ./conf and ./sweeps of the working directory, then the shipped ones.
+User mistakes end in one line on stderr naming the field and the fix, and exit code 2;
+nothing is written before the config has been validated.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from spartune import atomic, resources, stops
 from spartune.config import Config, ConfigError, register_configs, to_config
 
 log = logging.getLogger("spartune")
@@ -21,49 +24,59 @@ log = logging.getLogger("spartune")
 EXIT_USAGE = 2
 
 
-def project_dir() -> Path:
-    """The folder holding conf/ (and sweeps/): $SPARTUNE_HOME, the source checkout, or cwd."""
-    env = os.environ.get("SPARTUNE_HOME")
-    candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[2], Path.cwd()]
-    for c in candidates:
-        if (c / "conf" / "config.yaml").is_file():
-            return c
-    fail("SPARTUNE_HOME", "cannot find conf/config.yaml; run from a spartune checkout or set "
-                          "SPARTUNE_HOME to it")
-    raise AssertionError  # unreachable
-
-
-def fail(field: str, message: str) -> None:
+def fail(field: str, message: str, code: int = EXIT_USAGE) -> None:
     print(f"spartune: error: {field}: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    sys.exit(code)
 
 
-def _check_group_choices(argv: list[str], conf: Path) -> None:
+def _roots(argv: list[str]) -> list[resources.Root]:
+    try:
+        return resources.roots(_flag(argv, "-cd", "--config-dir"))
+    except resources.MissingConfigs as e:
+        fail("SPARTUNE_HOME" if "SPARTUNE_HOME" in str(e) else "config", str(e))
+        raise AssertionError from None  # unreachable
+
+
+def _flag(argv: list[str], short: str, long: str) -> str | None:
+    """The value of a Hydra flag given as `-x V`, `--xx V` or `--xx=V`."""
+    for i, arg in enumerate(argv):
+        if arg in (short, long) and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"{long}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _choices(value: str) -> list[str]:
+    """The options an override names: `a`, `[a,b]` (several at once) or `a,b` (a -m sweep)."""
+    return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+
+
+def _check_group_choices(argv: list[str], all_roots: list[resources.Root]) -> None:
     """Reject `group=unknown` before Hydra does, with one line instead of a screenful."""
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, _, value = arg.partition("=")
         key = key.lstrip("+~")
-        group_dir = conf / key
-        if "." in key or not group_dir.is_dir() or value in ("", "null"):
+        if "." in key or value in ("", "null") or "(" in value:
+            continue  # a field, a deletion, or a sweep function such as range(...)
+        options = resources.group_options(key, all_roots)
+        if options is None:
             continue
-        options = sorted(p.stem for p in group_dir.glob("*.yaml"))
-        if value not in options:
-            fail(key, f"unknown choice {value!r}; choose one of {', '.join(options)}")
+        for v in _choices(value):
+            if v not in options:
+                fail(key, f"unknown choice {v!r}; choose one of {', '.join(options)}")
 
 
-def _check_config_name(argv: list[str], root: Path) -> None:
-    """`-cn NAME` must name a file in conf/ or sweeps/: say which exist, in one line."""
+def _check_config_name(argv: list[str], all_roots: list[resources.Root]) -> None:
+    """`-cn NAME` must name a sweep file or a primary config: say which exist, in one line."""
     stem = _config_name(argv)
-    if stem is None:
+    if stem is None or resources.find(stem, all_roots) is not None:
         return
-    if not ((root / "conf" / f"{stem}.yaml").is_file()
-            or (root / "sweeps" / f"{stem}.yaml").is_file()):
-        have = sorted(p.stem for p in (root / "sweeps").glob("*.yaml"))
-        fail("--config-name", f"no sweep or config named {stem!r}; sweeps/ has "
-                              f"{', '.join(have)}")
+    fail("--config-name", f"no sweep or config named {stem!r}; the sweep files are "
+                          f"{', '.join(resources.sweep_names(all_roots))} (spartune-init copies "
+                          "them into ./sweeps to edit)")
 
 
 def _run_dir() -> Path:
@@ -88,16 +101,120 @@ def _forget(run_dir: Path) -> None:
                 break
 
 
-def _config_dirs(argv: list[str], default: str, root: Path) -> tuple[Path, list[str]]:
-    """Where Hydra looks: the primary config's own folder (sweeps/ for a sweep file, else
-    conf/), with the other folder on the search path. Hydra finds a primary config only in
-    config_path, while a sweep's `defaults: [config]` is found on the search path."""
+def _config_dirs(argv: list[str], default: str,
+                 all_roots: list[resources.Root]) -> tuple[str, list[str]]:
+    """Hydra's config path (the first root holding the primary config) and the argv with
+    every other root on `hydra.searchpath`, in precedence order. A sweep's `defaults:
+    [config]` and every config group are found on that search path."""
     name = _config_name(argv) or default
-    conf, sweeps = root / "conf", root / "sweeps"
-    primary, other = (sweeps, conf) if (sweeps / f"{name}.yaml").is_file() else (conf, sweeps)
+    primary = resources.find(name, all_roots) or all_roots[-1]
     if not any(a.startswith("hydra.searchpath=") for a in argv):
-        argv = [*argv, f"hydra.searchpath=[file://{other}]"]
-    return primary, argv
+        others = [r.url for r in all_roots if r != primary and r.origin != "--config-dir"]
+        argv = _add_overrides(argv, f"hydra.searchpath=[{','.join(others)}]")
+    # hydra.main takes an absolute folder or pkg://, not file://
+    return primary.url if primary.url.startswith("pkg://") else str(primary.path), argv
+
+
+_VALUED = {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "-c", "--cfg",
+           "-p", "--package", "--experimental-rerun"}
+
+
+def _add_overrides(argv: list[str], *new: str) -> list[str]:
+    """Put overrides beside the user's own: Hydra's argparse takes them as one run of
+    positionals, so `-cn x a=1 --cfg job` must not become `-cn x a=1 --cfg job b=2`."""
+    i, first = 0, len(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _VALUED:
+            i += 2
+            continue
+        if arg == "--info" and i + 1 < len(argv) and "=" not in argv[i + 1] \
+                and not argv[i + 1].startswith("-"):
+            i += 2
+            continue
+        if not arg.startswith("-"):
+            first = i
+            break
+        i += 1
+    return [*argv[:first], *new, *argv[first:]]
+
+
+def _command() -> str:
+    """The console script's name (spartune-train, ...), for --help and the job name."""
+    name = Path(sys.argv[0]).name
+    return name if name.startswith("spartune") else "spartune"
+
+
+ABOUT = {
+    "spartune-train": "train one run (spartune-train param=supar model.density=0.0625)",
+    "spartune-sweep": "run a study of a sweep file, resumable (spartune-sweep -cn proxy)",
+    "spartune-transfer": "map a proxy's best HPs onto sparse targets and run them",
+    "spartune-plot": "tables and figures of a study (spartune-plot study.name=NAME)",
+    "spartune-coord": "coordinate check: activation scale vs width and density",
+    "spartune-pipeline": "proxy sweep, transfer, targets, tables, figures, report.md",
+}
+
+
+def _help_overrides(argv: list[str], all_roots: list[resources.Root]) -> list[str]:
+    """Name the command in Hydra's --help and list the sweep files under it."""
+    if not any(a.startswith("hydra.job.name=") for a in argv):
+        argv = _add_overrides(argv, f"hydra.job.name={_command()}")
+    if "--help" in argv or "-h" in argv:
+        sweeps = ", ".join(resources.sweep_names(all_roots))
+        where = " > ".join(dict.fromkeys(f"{r.origin} {r.path}" for r in all_roots))
+        groups = {}
+        for r in all_roots:
+            for d in sorted(r.path.iterdir()) if r.kind != "sweeps" else []:
+                if d.is_dir() and d.name != "hydra" and any(d.glob("*.yaml")):
+                    groups.setdefault(d.name, resources.group_options(d.name, all_roots))
+        group_lines = "\n".join(f"{g}: {', '.join(o or [])}" for g, o in sorted(groups.items()))
+        # Through the environment: Hydra's override grammar would need every quote escaped.
+        os.environ["SPARTUNE_HELP"] = (
+            f"{_command()}: {ABOUT.get(_command(), 'spartune')}\n\n"
+            "== Configuration groups (group=option; logger=[a,b] takes several) ==\n"
+            f"{group_lines}\n\n== Sweep files (-cn NAME) ==\n{sweeps}\n\n"
+            "== Config ==\nOverride anything in the config (foo.bar=value)\n\n$CONFIG\n"
+            f"Config folders, first wins: {where}\n"
+            "spartune-init copies the sweep files into ./sweeps to edit. "
+            "Use --hydra-help to view Hydra specific help.\n")
+        argv = _add_overrides(argv, "hydra.help.template=${oc.env:SPARTUNE_HELP}")
+    return argv
+
+
+def _completion_line(all_roots: list[resources.Root], primary: str) -> None:
+    """Shell completion (`eval "$(spartune-train -sc install=bash)"`) reads the typed line
+    from COMP_LINE, not argv: put the search path there too, so groups complete."""
+    line = os.environ.get("COMP_LINE")
+    if not line or "hydra.searchpath=" in line:
+        return
+    head, sep, rest = line.partition(" ")
+    others = ",".join(r.url for r in all_roots if primary not in (r.url, str(r.path)))
+    extra = f" hydra.searchpath=[{others}]"
+    os.environ["COMP_LINE"] = head + extra + sep + rest
+    if "COMP_POINT" in os.environ:
+        os.environ["COMP_POINT"] = str(int(os.environ["COMP_POINT"]) + len(extra))
+
+
+def _pop_worker(dcfg: Any) -> int | None:
+    """`+worker=N`: which of N identical jobs this is (a launcher's `+worker='range(N)'`)."""
+    from omegaconf import open_dict
+
+    if "worker" not in dcfg:
+        return None
+    with open_dict(dcfg):
+        value = dcfg.pop("worker")
+    if not isinstance(value, int) or value < 0:
+        raise ConfigError("worker", f"must be an integer >= 0, got {value!r} "
+                          "(e.g. +worker='range(32)' with -m and a launcher)")
+    return value
+
+
+def _spread_seed(cfg: Config, worker: int | None) -> None:
+    """Job N's samplers get seeds of their own, so N identical jobs do not propose the same
+    points. The grid sampler keeps the shared seed: every worker must shuffle the grid the
+    same way (sweep.make_sampler)."""
+    if worker and cfg.study.sampler != "grid":
+        cfg.study.sampler_seed += 7919 * cfg.study.workers * worker
 
 
 def _config_name(argv: list[str]) -> str | None:
@@ -116,20 +233,30 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
     from omegaconf.errors import OmegaConfBaseException
 
     def main() -> None:
-        from spartune.train import flush_denormals
-
-        flush_denormals()  # before any torch op starts the thread pool (train.flush_denormals)
-        root = project_dir()
-        _check_group_choices(sys.argv[1:], root / "conf")
-        _check_config_name(sys.argv[1:], root)
-        primary, sys.argv[1:] = _config_dirs(sys.argv[1:], config_name, root)
+        stops.obey_sigterm()  # SIGTERM stops as cleanly as Ctrl-C (stops.py)
+        argv = sys.argv[1:]
+        all_roots = _roots(argv)
+        completing = "-sc" in argv or "--shell-completion" in argv
+        if not completing:
+            _check_group_choices(argv, all_roots)
+            _check_config_name(argv, all_roots)
+        primary, argv = _config_dirs(argv, config_name, all_roots)
+        if completing:
+            _completion_line(all_roots, primary)
+        sys.argv[1:] = _help_overrides(argv, all_roots)
         register_configs()
 
-        @hydra.main(version_base="1.3", config_path=str(primary), config_name=config_name)
+        @hydra.main(version_base="1.3", config_path=primary, config_name=config_name)
         def _main(dcfg: DictConfig) -> None:
             run_dir = _run_dir()
+            # Here, not earlier: --help, --cfg, completion and a bad choice need no torch.
+            from spartune.train import flush_denormals
+
+            flush_denormals()  # before any torch op starts the thread pool (train.flush_denormals)
             try:
+                worker = _pop_worker(dcfg)
                 cfg = to_config(dcfg)
+                _spread_seed(cfg, worker)
                 task(cfg, run_dir)
             except ConfigError as e:
                 _forget(run_dir)
@@ -138,11 +265,25 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
                 _forget(run_dir)
                 key = getattr(e, "full_key", None) or "config"
                 fail(str(key), str(e).splitlines()[0])
-            except KeyboardInterrupt:
-                print("spartune: interrupted; finished trials are kept and the interrupted ones "
+            except KeyboardInterrupt as e:
+                stops.shield()
+                what = "terminated" if isinstance(e, stops.Terminated) else "interrupted"
+                print(f"spartune: {what}; finished trials are kept and the interrupted ones "
                       "are marked FAIL and run again: resume with the same command",
                       file=sys.stderr)
-                sys.exit(130)
+                sys.exit(stops.exit_code(e))
+            except atomic.WriteError as e:
+                why = ("no space left (disk, quota or file-size limit): free some, or set "
+                       "results_dir= elsewhere, then run the same command again"
+                       if atomic.no_space(e) else f"{e.strerror}: check the folder")
+                fail(str(e.filename), f"cannot write it, nothing of it was left behind: {why}; "
+                     "finished trials are kept", stops.EXIT_ENVIRONMENT)
+            except Exception as e:
+                cause = stops.storage_gone(e)
+                if cause is None:
+                    raise
+                fail("study.storage", f"the storage went away ({cause}); finished trials are "
+                     "kept: run the same command again once it answers", stops.EXIT_ENVIRONMENT)
 
         _main()
 
@@ -176,9 +317,18 @@ def _coord(cfg: Config, run_dir: Path) -> None:
         sys.exit(1)
 
 
-def _sweep(cfg: Config, run_dir: Path) -> None:
-    from spartune import collect, report, sweep
+def _overrides() -> list[str]:
+    """The command line's overrides, as Hydra parsed them."""
+    from hydra.core.hydra_config import HydraConfig
 
+    return list(HydraConfig.get().overrides.task)
+
+
+def _sweep(cfg: Config, run_dir: Path) -> None:
+    from spartune import collect, report, sweep, trackers
+
+    sweep.check_overrides(cfg, _overrides())
+    trackers.check(cfg)
     res = sweep.sweep(cfg)
     trials, curves = collect.load_trials(sweep.open_storage(cfg), cfg.study.name)
     out = sweep.study_dir(cfg)
@@ -201,8 +351,10 @@ def _sweep(cfg: Config, run_dir: Path) -> None:
 
 
 def _transfer(cfg: Config, run_dir: Path) -> None:
-    from spartune import analysis, report, transfer
+    from spartune import analysis, report, sweep, trackers, transfer
 
+    sweep.check_overrides(cfg, _overrides(), axes="transfer")
+    trackers.check(cfg)
     res = transfer.run(cfg)
     figs = report.make_figures(res["trials"], res["curves"], res["dir"])
     done = res["trials"][res["trials"]["role"] == "target"]
@@ -234,8 +386,9 @@ def _plot(cfg: Config, run_dir: Path) -> None:
 
 
 def _pipeline(cfg: Config, run_dir: Path) -> None:
-    from spartune import pipeline
+    from spartune import pipeline, trackers
 
+    trackers.check(cfg)
     res = pipeline.run(cfg)
     print(f"pipeline finished in {res['seconds'] / 60:.1f} min")
 

@@ -12,8 +12,6 @@ named `f"{study}/{param}/w{width}/d{density:g}/s{seed}"`, all in one storage.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import optuna
 import pandas as pd
 
+from spartune import atomic
 from spartune.columns import CURVE_COLUMNS, HP_FIELDS, TRIAL_COLUMNS
 from spartune.config import ConfigError
 
@@ -54,7 +53,7 @@ def storage_for(study_dir: Path, url: str | None = None) -> str | optuna.storage
         raise ConfigError("study.name", f"no Optuna journal in {study_dir} ({path.name} is "
                                         f"missing): run `spartune-sweep -cn {study_dir.name}` "
                                         "first, or check the study name")
-    backend = optuna.storages.journal.JournalFileBackend(str(path))
+    backend = optuna.storages.journal.JournalFileBackend(str(path.resolve()))  # sweep.open_storage
     return optuna.storages.JournalStorage(backend)
 
 
@@ -162,14 +161,8 @@ def write_tables(trials: pd.DataFrame, curves: pd.DataFrame, out_dir: Path) -> d
     paths = {}
     for name, df, columns in (("trials", trials, TRIAL_COLUMNS), ("curves", curves, CURVE_COLUMNS)):
         path = out_dir / f"{name}.csv"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".csv.tmp", dir=out_dir)
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                df.reindex(columns=columns).to_csv(f, index=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic.replacing(path) as tmp, tmp.open("w", newline="") as f:
+            df.reindex(columns=columns).to_csv(f, index=False)
         paths[name] = path
     return paths
 

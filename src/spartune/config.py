@@ -210,6 +210,39 @@ class TransferConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    enabled: bool = False
+    dir: str | None = None  # None: results/<study>/tensorboard (one logdir per study)
+
+
+@dataclass
+class MLflowConfig:
+    enabled: bool = False
+    # None: $MLFLOW_TRACKING_URI if set, else sqlite:///results/<study>/mlflow.db (local)
+    tracking_uri: str | None = None
+    experiment: str | None = None  # None: the study's name
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    mode: str = "offline"  # offline (local files only) | online | disabled
+    project: str = "spartune"
+    entity: str | None = None
+    dir: str | None = None  # None: results/<study> (runs land in its wandb/ folder)
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment trackers, one run per trial and one group per study (trackers.py). Chosen
+    with `logger=tensorboard` or several at once, `logger=[tensorboard,mlflow]`."""
+
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     param: ParamConfig = field(default_factory=ParamConfig)
@@ -219,6 +252,7 @@ class Config:
     coord: CoordConfig = field(default_factory=CoordConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     name: str = "default"  # names the results folder
     results_dir: str = "results"

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from spartune import atomic
 from spartune.analysis import best_settings, loss_grid, optima
 from spartune.columns import HIDDEN_MODULES
 
@@ -109,8 +110,9 @@ def save(fig: Figure, path_without_suffix: str | Path) -> list[Path]:
     base = Path(path_without_suffix)
     base.parent.mkdir(parents=True, exist_ok=True)
     paths = [base.parent / f"{base.name}.png", base.parent / f"{base.name}.pdf"]
-    fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
+    for path, kw in zip(paths, ({"dpi": 150, "format": "png"}, {"format": "pdf"}), strict=True):
+        with atomic.replacing(path) as tmp:  # a reader never sees half a figure
+            fig.savefig(tmp, **kw)
     return paths
 
 

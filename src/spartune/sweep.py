@@ -18,23 +18,25 @@ import contextlib
 import copy
 import fcntl
 import hashlib
+import json
 import logging
 import math
 import multiprocessing as mp
 import os
-import signal
 import socket
 import sys
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from spartune import atomic, stops
 from spartune.columns import HP_FIELDS
 from spartune.config import (
     Config,
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 SAMPLERS = ("tpe", "grid", "random", "gp", "cmaes")
 PRUNERS = ("none", "median", "hyperband")
 JOURNAL = "optuna.journal"
+HEARTBEAT_INTERVAL, HEARTBEAT_GRACE = 60, 180  # seconds (RDB storages)
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -150,6 +153,38 @@ def validate_study(cfg: Config) -> None:
     validate(cfg)
 
 
+def check_overrides(cfg: Config, overrides: list[str], *, axes: str = "study") -> None:
+    """A command-line value that the sweep's axes replace is an error, never silently dropped.
+
+    Every trial takes its param, width, density and seed from its cell (`study.params`,
+    `.widths`, `.densities`, `.seeds`; `transfer.*` for a transfer), so `model.width=512` on a
+    sweep whose axis is `study.widths=[128]` would change nothing. An override equal to the
+    axis's only value (`model.width=32 study.widths=[32]`) changes nothing either: allowed.
+    """
+    src = cfg.study if axes == "study" else cfg.transfer
+    replaced = {"model.width": "widths", "model.density": "densities", "param": "params",
+                "param.name": "params", "seed": "seeds"}
+    for arg in overrides:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key not in replaced:
+            continue
+        axis = f"{axes}.{replaced[key]}"
+        values = list(getattr(src, replaced[key]))
+        if len(values) == 1 and _same(values[0], value):
+            continue
+        raise ConfigError(key, f"every trial takes it from {axis} (now {values}), so "
+                          f"{key}={value} would be ignored: set {axis}=[{value}] instead")
+
+
+def _same(axis_value: Any, value: str) -> bool:
+    if str(axis_value) == value:
+        return True
+    try:
+        return float(axis_value) == float(value)
+    except (TypeError, ValueError):
+        return False
+
+
 def _get_field(cfg: Config, path: str, field: str) -> Any:
     obj: Any = cfg
     for part in path.split("."):
@@ -205,13 +240,58 @@ def open_storage(cfg: Config, *, create: bool = True) -> optuna.storages.BaseSto
     if not create and not path.exists():
         raise ConfigError("study.name", f"no study at {path}: run the sweep first")
     path.parent.mkdir(parents=True, exist_ok=True)
-    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
     try:
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        # An absolute path: the lock is a symlink to the journal, and a relative one dangles
+        # (it resolves from the link's own folder), so Optuna's grace period, which stats the
+        # link's target, never frees a lock left by a process killed mid-append: every later
+        # run would wait forever. With the target found, such a lock is freed after 30 s.
+        absolute = str(path.resolve())
+        lock = JournalFileSymlinkLock(absolute)  # the lock Optuna's appends take
+        repair_journal(path, lock)
+        return optuna.storages.JournalStorage(JournalFileBackend(absolute, lock_obj=lock))
     except Exception as e:
         raise ConfigError("study.storage", f"cannot read {path}: {str(e).splitlines()[0][:200]}"
                           "; move the file away to start afresh") from None
+
+
+def repair_journal(path: Path, lock: Any) -> int:
+    """Cut a torn last record (a power cut or a full disk during an append) off the journal.
+
+    Optuna skips a last line without its newline while reading, but the next append would
+    glue a whole record onto it, and from then on the file fails to load. Cutting the torn
+    bytes keeps every complete record. Runs under the journal's own lock (`lock`, the one
+    Optuna's appends take), so a record another process is appending right now is never
+    mistaken for a torn one. Returns the number of bytes cut.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    lock.acquire()
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - (1 << 20))  # a record is far shorter than 1 MiB
+            f.seek(start)
+            tail = f.read()
+            keep = tail.rfind(b"\n") + 1  # up to the last newline
+            if keep == len(tail):  # every line complete: a garbled last record is torn too
+                last = tail.rfind(b"\n", 0, len(tail) - 1) + 1
+                try:
+                    json.loads(tail[last:])
+                except ValueError:
+                    keep = last
+            cut = len(tail) - keep
+            if cut:
+                f.truncate(start + keep)
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        lock.release()
+    if cut:
+        print(f"spartune: warning: {path}: cut a torn last record ({cut} bytes, an append "
+              "that never finished); every complete record is kept", file=sys.stderr)
+    return cut
 
 
 def _open_rdb(url: str, tries: int = 6) -> optuna.storages.RDBStorage:
@@ -226,7 +306,8 @@ def _open_rdb(url: str, tries: int = 6) -> optuna.storages.RDBStorage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                                  grace_period=HEARTBEAT_GRACE)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt == tries - 1:
                 raise
@@ -343,28 +424,39 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
         m = train.run(run_cfg, report, checkpoint=ckpt)
     except optuna.TrialPruned:
         _drop(ckpt)
-        study.tell(trial, state=TrialState.PRUNED)
+        with stops.deferred():
+            study.tell(trial, state=TrialState.PRUNED)
         return None
     except ConfigError:
-        study.tell(trial, state=TrialState.FAIL)
+        with stops.deferred():
+            study.tell(trial, state=TrialState.FAIL)
         raise
     except BaseException as e:  # Ctrl-C, or a bug: never leave the trial RUNNING
-        trial.set_user_attr("error", f"{type(e).__name__}: {str(e)[:300]}")
-        study.tell(trial, state=TrialState.FAIL)
+        if isinstance(e, KeyboardInterrupt):
+            stops.shield()  # a second Ctrl-C must not cut the write that fails the trial
+        if stops.storage_gone(e) is not None:
+            raise  # the storage cannot take the FAIL: the next run's recovery writes it
+        with stops.deferred():
+            trial.set_user_attr("error", f"{type(e).__name__}: {str(e)[:300]}")
+            study.tell(trial, state=TrialState.FAIL)
         raise
-    for k in ("final_train_loss", "final_val_loss", "best_val_loss", "diverged", "steps",
-              "tokens_per_second", "n_params", "n_nonzero_params", "train_seconds"):
-        trial.set_user_attr(k, _clean(m[k]))
-    trial.set_user_attr("curve", [[r["step"], _clean(r["train_loss"]), _clean(r["val_loss"]),
-                                   r["lr"]] for r in m["curve"]])
     if m["diverged"]:
         # A finite penalty, not NaN (which Optuna would record as FAIL): TPE learns to avoid
         # the region, and `diverged` in the user attrs keeps it out of every plot.
         value = m["loss_ceiling"]
     else:
         value = m["final_val_loss"]
-    study.tell(trial, value)
+    with stops.deferred():  # a finished run is recorded whole, or re-run whole
+        for k in ("final_train_loss", "final_val_loss", "best_val_loss", "diverged", "steps",
+                  "tokens_per_second", "n_params", "n_nonzero_params", "train_seconds"):
+            trial.set_user_attr(k, _clean(m[k]))
+        trial.set_user_attr("curve", [[r["step"], _clean(r["train_loss"]),
+                                       _clean(r["val_loss"]), r["lr"]] for r in m["curve"]])
+        study.tell(trial, value)
     _drop(ckpt)
+    from spartune import trackers  # logger=...: one run per trial, after Optuna has it
+
+    trackers.log_trial(cfg, cell.key, trial.number, attrs, m)
     return value
 
 
@@ -440,42 +532,112 @@ def recover(study: optuna.Study, cfg: Config) -> int:
     heartbeat, so a RUNNING trial whose worker process is gone from this machine is failed.
     A grid point whose only trials failed (a crash, Ctrl-C, SIGKILL) is enqueued with its
     parameters, so a rerun completes the grid instead of leaving a hole.
+
+    Invariant: every grid point ends with exactly one COMPLETE (or PRUNED) trial, however many
+    workers recover the cell at once. A point is covered, and so never queued again, while any
+    live trial holds it: a queued retry (WAITING, its point in `fixed_params`), a retry a
+    worker is running, a finished trial. On a journal file `_ask_lock` serialises this call
+    between local workers, so a retry is queued once. Machines sharing a database have no
+    common lock: two may queue the same retry in the same instant, and the later one (higher
+    trial number) is dropped as `surplus` before it trains (`_duplicate`, `_drop_queued_twins`).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     storage = study._storage  # Optuna has no public call to fail another process's trial
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _owner_alive(t.user_attrs.get("worker")):
+        if _orphaned(t, cfg):
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
     if cfg.study.sampler != "grid":
         return 0  # failed trials do not count against n_trials: new ones replace them
     trials = study.get_trials(deepcopy=False)
-    covered = {_key(t.params) for t in trials if t.state in _COUNTED}
+    covered = {_point(t, study.sampler) for t in _live(trials)}
     queued = 0
     for t in trials:
-        key = _key(t.params)
-        if (t.state == TrialState.FAIL and t.params and not t.user_attrs.get("surplus")
-                and key not in covered):
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-            covered.add(key)
+        params = _point_params(t, study.sampler)
+        if (t.state == TrialState.FAIL and params and not t.user_attrs.get("surplus")
+                and _key(params) not in covered):
+            study.enqueue_trial(params, user_attrs={"retry_of": t.number})
+            covered.add(_key(params))
             queued += 1
+    if queued and cfg.study.storage:
+        _drop_queued_twins(study)
     return queued
+
+
+def _orphaned(t: Any, cfg: Config) -> bool:
+    """Is this RUNNING trial's process gone?
+
+    A worker tags its trial with `worker` right after `ask`. A trial without the tag was
+    created by a process killed in between: on a journal file both happen under `_ask_lock`,
+    which `recover` holds too, so an untagged trial seen here is an orphan for certain; on a
+    database (no shared lock) it is one once it is older than the heartbeat's grace period,
+    the time after which Optuna would fail a silent trial of a live worker too.
+    """
+    worker = t.user_attrs.get("worker")
+    if worker is not None:
+        return not _owner_alive(worker)
+    if not cfg.study.storage:
+        return True
+    started = t.datetime_start or datetime.now()
+    return (datetime.now() - started).total_seconds() > HEARTBEAT_GRACE
+
+
+def _live(trials: list[Any]) -> list[Any]:
+    """Trials that hold their grid point: queued, running or finished, not a dropped twin."""
+    return [t for t in trials if t.state in _COUNTED and not t.user_attrs.get("surplus")]
+
+
+def _drop_queued_twins(study: optuna.Study) -> None:
+    """Fail (as `surplus`) a queued retry whose point an older live trial already holds.
+
+    Only a WAITING twin is touched, and only while it is still WAITING: one that another
+    worker has just popped is left to that worker's own `_duplicate` check, so no running
+    trial is ever failed here.
+    """
+    storage = study._storage  # no public call to change a queued trial of another process
+    trials = study.get_trials(deepcopy=False)
+    owner_of: dict[tuple, int] = {}
+    for t in sorted(_live(trials), key=lambda t: t.number):
+        point = _point(t, study.sampler)
+        if point is None:
+            continue
+        if point not in owner_of:
+            owner_of[point] = t.number
+        elif t.state == TrialState.WAITING:
+            fresh = storage.get_trial(t._trial_id)
+            if fresh.state != TrialState.WAITING:
+                continue
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+                storage.set_trial_user_attr(t._trial_id, "surplus", True)
+                storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
 
 
 def _key(params: dict[str, Any]) -> tuple:
     return tuple(sorted((k, round(float(v), 9)) for k, v in params.items()))
 
 
-def _point(t: Any, sampler: Any) -> tuple | None:
-    """The grid point a trial runs: its params, or (before it suggested them) its grid id."""
+def _point_params(t: Any, sampler: Any) -> dict[str, Any] | None:
+    """The grid point a trial runs, as params: its own, a queued retry's fixed params, or
+    (stopped before it suggested them) the point of its grid id. A queued or just-popped retry
+    has no params yet: without `fixed_params` it would look pointless and be queued again; a
+    trial stopped between `ask` and its first suggestion holds a grid id the sampler will not
+    hand out again, so only a retry of that point fills the hole."""
     if t.params:
-        return _key(t.params)
+        return dict(t.params)
+    fixed = t.system_attrs.get("fixed_params")
+    if fixed:
+        return dict(fixed)
     gid = t.system_attrs.get("grid_id")
     if gid is None or not isinstance(sampler, optuna.samplers.GridSampler):
         return None
-    return _key(dict(zip(sampler._param_names, sampler._all_grids[gid], strict=True)))
+    return dict(zip(sampler._param_names, sampler._all_grids[gid], strict=True))
+
+
+def _point(t: Any, sampler: Any) -> tuple | None:
+    params = _point_params(t, sampler)
+    return None if params is None else _key(params)
 
 
 def _may_ask(study: optuna.Study, cfg: Config, total: int) -> bool:
@@ -490,12 +652,22 @@ def _may_ask(study: optuna.Study, cfg: Config, total: int) -> bool:
 
 
 def _duplicate(study: optuna.Study, trial: optuna.Trial) -> bool:
-    """Did the grid sampler hand out a point another live or finished trial already has?"""
+    """Does an older live trial, or a finished one, already hold this trial's grid point?
+
+    Two workers without a shared lock (machines on one database) can take the same point at
+    once: a fresh grid id, or a retry both queued. The trial with the higher number yields, so
+    exactly one of them trains; a finished trial of the point always wins.
+    """
     frozen = study._storage.get_trial(trial._trial_id)
     mine = _point(frozen, study.sampler)
-    return any(_point(t, study.sampler) == mine and t.number != trial.number
-               for t in study.get_trials(deepcopy=False, states=_COUNTED)
-               if not t.user_attrs.get("surplus"))
+    if mine is None:
+        return False
+    for t in _live(study.get_trials(deepcopy=False)):
+        if t.number == trial.number or _point(t, study.sampler) != mine:
+            continue
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or t.number < trial.number:
+            return True
+    return False
 
 
 def checkpoint_path(cfg: Config, cell: Cell, params: dict[str, Any]) -> Path | None:
@@ -517,6 +689,7 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
     import torch
 
     torch.set_num_threads(worker_threads(cfg))
+    stops.quiet_storage_threads()
     storage = open_storage(cfg)
     total, grid, start = budget(cfg), cfg.study.sampler == "grid", time.monotonic()
     ran = 0
@@ -527,28 +700,42 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
         while True:
             if cfg.study.timeout and time.monotonic() - start > cfg.study.timeout:
                 return ran
-            with _ask_lock(cfg):
-                if not _may_ask(study, cfg, total):
-                    break
-                with warnings.catch_warnings():
-                    # Optuna warns that heartbeats are meant for Study.optimize; ask/tell keeps
-                    # one alive below exactly as optimize does.
-                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                    trial = study.ask()
-                trial.set_user_attr("worker", owner())
-                if grid and "retry_of" not in trial.user_attrs and _duplicate(study, trial):
-                    # only across machines (no shared lock): two workers took the last point
-                    trial.set_user_attr("surplus", True)
-                    study.tell(trial, state=TrialState.FAIL)
-                    continue
-            from optuna.storages._heartbeat import get_heartbeat_thread
+            trial = None
+            try:
+                with _ask_lock(cfg):
+                    if not _may_ask(study, cfg, total):
+                        break
+                    with warnings.catch_warnings(), stops.deferred():
+                        # Optuna warns that heartbeats are meant for Study.optimize; ask/tell
+                        # keeps one alive below exactly as optimize does.
+                        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                        trial = study.ask()
+                        trial.set_user_attr("worker", owner())  # before a stop orphans it
+                    if grid and _duplicate(study, trial):
+                        # only across machines (no shared lock): two workers took one point
+                        trial.set_user_attr("surplus", True)
+                        study.tell(trial, state=TrialState.FAIL)
+                        continue
+                from optuna.storages._heartbeat import get_heartbeat_thread
 
-            with get_heartbeat_thread(trial._trial_id, study._storage):
-                run_trial(study, trial, cfg, cell)
+                with get_heartbeat_thread(trial._trial_id, study._storage):
+                    run_trial(study, trial, cfg, cell)
+            except KeyboardInterrupt:
+                if trial is not None:
+                    _fail_if_running(study, trial)
+                raise
             ran += 1
             if progress is not None:
                 progress(study)
     return ran
+
+
+def _fail_if_running(study: optuna.Study, trial: optuna.Trial) -> None:
+    """A stop that came between `ask` and the run: the trial must not stay RUNNING."""
+    stops.shield()
+    if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            study.tell(trial, state=TrialState.FAIL)
 
 
 def worker_context(cfg: Config) -> Any:
@@ -582,15 +769,22 @@ def _worker_entry(cfg: Config, worker: int) -> None:
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # The parent stops its workers with SIGTERM on Ctrl-C: end the trial as FAIL, cleanly.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stops.obey_sigterm()
     try:
         run_worker(cfg, worker)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    except KeyboardInterrupt as e:
+        sys.exit(stops.exit_code(e))
+    except atomic.WriteError as e:
+        print(f"spartune: error: {e.filename}: cannot write it ({e.strerror}); nothing of it "
+              f"was left behind (worker {worker})", file=sys.stderr)
+        sys.exit(stops.EXIT_ENVIRONMENT)
+    except Exception as e:
+        cause = stops.storage_gone(e)
+        if cause is None:
+            raise
+        print(f"spartune: error: study.storage: the storage went away ({cause}); worker "
+              f"{worker} stops, finished trials are kept", file=sys.stderr)
+        sys.exit(stops.EXIT_ENVIRONMENT)
 
 
 def count_done(cfg: Config, storage: Any) -> tuple[int, float]:
@@ -646,6 +840,7 @@ def sweep(cfg: Config) -> dict[str, Any]:
         for p in procs:
             p.join()
     except KeyboardInterrupt:
+        stops.shield()  # the stop has begun: a second Ctrl-C must not orphan the workers
         for p in procs:
             p.terminate()
         for p in procs:

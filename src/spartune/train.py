@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from spartune import atomic
 from spartune.config import Config, OptimConfig, validate
 from spartune.data import Corpus, load_corpus
 from spartune.layouts import describe
@@ -167,11 +168,27 @@ def config_fingerprint(cfg: Config) -> str:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write then rename: a run killed mid-save leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write then rename: a run killed mid-save leaves the previous checkpoint intact, and a
+    full disk leaves no half file (atomic.WriteError names the checkpoint)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic.write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any] | None:
+    """The checkpoint's state, or None (with one warning line) when it cannot be read: a file
+    cut short or garbled is not worth a failed trial, the run starts from step 0 instead."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("not a spartune checkpoint")
+        return state
+    except Exception as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        print(f"spartune: warning: {path}: unreadable checkpoint ({reason}); starting this run "
+              "from step 0", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = None, *,
@@ -202,8 +219,8 @@ def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = 
     if t.checkpoint_every > 0 and (checkpoint is not None or out_dir is not None):
         ckpt = Path(checkpoint) if checkpoint is not None else Path(out_dir) / "checkpoint.pt"
     fingerprint = config_fingerprint(cfg)
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+    state = load_checkpoint(ckpt, device) if ckpt is not None and ckpt.exists() else None
+    if state is not None:
         if state.get("fingerprint") != fingerprint:
             from spartune.config import ConfigError
 
@@ -315,21 +332,12 @@ def hidden_layer_metrics(cfg: Config, model: GPT, opt: torch.optim.Optimizer) ->
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write then rename, so a reader (or a crash) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(out: Path, metrics: dict[str, Any], curve: list[dict[str, float | int]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
              for k, v in metrics.items()}
-    _atomic_write(out / "metrics.json", json.dumps(clean, indent=2) + "\n")
-    tmp = out / f".curve.csv.{os.getpid()}.tmp"
-    with tmp.open("w", newline="") as f:
+    atomic.write_text(out / "metrics.json", json.dumps(clean, indent=2) + "\n")
+    with atomic.replacing(out / "curve.csv") as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["step", "train_loss", "val_loss", "lr"])
         w.writeheader()
         w.writerows(curve)
-    os.replace(tmp, out / "curve.csv")

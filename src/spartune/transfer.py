@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from spartune import atomic
 from spartune.columns import HP_FIELDS
 from spartune.config import Config, ConfigError, SearchDim, check_axes, check_name
 from spartune.params import describe
@@ -145,8 +146,9 @@ def run(cfg: Config, *, name: str | None = None) -> dict[str, Any]:
           f"{chosen['proxy_width']}, density {chosen['proxy_density']:g}: val loss "
           f"{chosen['proxy_loss']:.4f}\ntransferred: {hp_text}")
     print(format_plan(table))
-    table.to_csv(out_dir / "transfer_plan.csv", index=False)
-    (out_dir / "transfer.json").write_text(json.dumps(chosen, indent=2) + "\n")
+    with atomic.replacing(out_dir / "transfer_plan.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    atomic.write_text(out_dir / "transfer.json", json.dumps(chosen, indent=2) + "\n")
     summary = sweep.sweep(tcfg)
     trials, curves = collect.load_trials(sweep.open_storage(tcfg), tcfg.study.name)
     collect.write_tables(trials, curves, out_dir)

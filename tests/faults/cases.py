@@ -1,0 +1,373 @@
+"""The fault matrix, one function per case: inject the fault into a real sweep, rerun the same
+command, check the invariants (harness.py). Each returns a short line of what it saw, or
+raises CaseFailed saying what broke.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .harness import (
+    GRID,
+    CaseFailed,
+    check,
+    finished,
+    invariants,
+    last_line,
+    leftovers,
+    mid_grid,
+    no_traceback,
+    run,
+    start,
+    states,
+    sweep_args,
+    trials,
+    wait_for,
+    worker_pids,
+)
+
+Case = Callable[[Path], str]
+CASES: dict[str, Case] = {}
+
+
+def case(name: str) -> Callable[[Case], Case]:
+    def register(fn: Case) -> Case:
+        CASES[name] = fn
+        return fn
+    return register
+
+
+def _rerun(cwd: Path, args: list[str], n: int = 1) -> None:
+    """Run the same command again (n copies at once, as n machines would) to completion."""
+    procs = [start("spartune-sweep", args, cwd) for _ in range(n)]
+    for p in procs:
+        rc = p.wait()
+        no_traceback(p.stderr())
+        check(rc == 0, f"the rerun exited {rc}: {last_line(p.stderr())}")
+
+
+def _retries(ts) -> int:
+    return sum(1 for t in ts if "retry_of" in t.user_attrs and t.state.name == "COMPLETE")
+
+
+# -- process death ------------------------------------------------------------------------------
+
+
+def _kill_rerun(cwd: Path, workers: int, url: str | None = None, machines: int = 1) -> str:
+    name = "kill"
+    args = sweep_args(name, workers=workers, storage=url)
+    procs = [start("spartune-sweep", args, cwd) for _ in range(machines)]
+    running = min(2, workers * machines)
+    before = finished(wait_for(cwd, name, mid_grid(1, running), procs, url=url))
+    for p in procs:
+        p.kill_group()
+        p.wait()
+    killed = states(trials(cwd, name, url))["RUNNING"]
+    _rerun(cwd, args, machines)
+    out = invariants(cwd, name, before, url=url)
+    ts = trials(cwd, name, url)
+    check(_retries(ts) <= killed, f"{_retries(ts)} retries ran for {killed} killed trials")
+    return f"{killed} killed at {len(before)} done; after rerun {out.line()}"
+
+
+for _w in (1, 2, 4):
+    CASES[f"sigkill_group_journal_w{_w}"] = (
+        lambda cwd, w=_w: _kill_rerun(cwd, workers=w))
+
+
+@case("sigkill_one_worker")
+def sigkill_one_worker(cwd: Path) -> str:
+    """A forked worker dies; the parent goes on; the rerun retries the dead worker's trial."""
+    name = "kill"
+    args = sweep_args(name, workers=2)
+    p = start("spartune-sweep", args, cwd)
+    ts = wait_for(cwd, name, mid_grid(1, 2), [p])
+    children = worker_pids(ts) - {p.pid}
+    check(bool(children), f"no worker process besides the parent in {worker_pids(ts)}")
+    before = finished(ts)
+    os.kill(children.pop(), signal.SIGKILL)
+    rc = p.wait()
+    no_traceback(p.stderr())
+    check(rc == 0, f"the parent exited {rc} after losing a worker: {last_line(p.stderr())}")
+    check("run the same command again" in p.stderr(), "no line saying to run it again")
+    _rerun(cwd, args)
+    return invariants(cwd, name, before).line()
+
+
+@case("sigkill_parent")
+def sigkill_parent(cwd: Path) -> str:
+    """The parent dies; its orphaned worker finishes its trials; a rerun at once must not take
+    the orphan's running trial, and completes what the parent left."""
+    name = "kill"
+    args = sweep_args(name, workers=2)
+    p = start("spartune-sweep", args, cwd)
+    ts = wait_for(cwd, name, mid_grid(1, 2), [p])
+    orphans = worker_pids(ts) - {p.pid}
+    before = finished(ts)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    _rerun(cwd, args)  # while the orphan may still run
+    end = time.monotonic() + 240
+    while any(_alive(pid) for pid in orphans) and time.monotonic() < end:
+        time.sleep(0.2)
+    check(not any(_alive(pid) for pid in orphans), "the orphaned worker never ended")
+    _rerun(cwd, args)  # picks up anything the orphan's end left to retry
+    return invariants(cwd, name, before).line()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+@case("sigkill_random_10_rounds")
+def sigkill_random_10_rounds(cwd: Path) -> str:
+    """Ten kills of the whole group at seeded random times (startup included) on one study;
+    no finished trial may be lost or changed by any later round."""
+    rng = random.Random(12)
+    name = "kill"
+    args = sweep_args(name, workers=2, steps=80)
+    seen: dict[int, tuple] = {}
+    for _ in range(10):
+        n_before = len(trials(cwd, name))
+        p = start("spartune-sweep", args, cwd)
+        if rng.random() < 0.3:  # during startup: imports, storage open, recovery
+            delay = rng.uniform(0.2, 3.0)
+        else:  # mid-trial: once a trial of this run is running, at a random point of it
+
+            def own_running(ts, n=n_before) -> bool:
+                return any(t.state.name == "RUNNING" and t.number >= n for t in ts)
+            with contextlib.suppress(CaseFailed):  # this run may find nothing left to do
+                wait_for(cwd, name, own_running, [p])
+            delay = rng.uniform(0.0, 10.0)
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and p.popen.poll() is None:
+            time.sleep(0.05)
+        p.kill_group()
+        p.wait()
+        now = finished(trials(cwd, name))
+        lost = [n for n, v in seen.items() if now.get(n) != v]
+        check(not lost, f"finished trials lost or changed by a kill: {lost}")
+        seen.update(now)
+    done = len(seen)
+    _rerun(cwd, args)
+    out = invariants(cwd, name, seen)
+    return f"{done}/{len(GRID)} points done over 10 kills; after rerun {out.line()}"
+
+
+# -- clean stops --------------------------------------------------------------------------------
+
+
+def _clean_stop(cwd: Path, sig: int, code: int, word: str, twice: bool = False) -> str:
+    name = "stop"
+    args = sweep_args(name, workers=2)
+    p = start("spartune-sweep", args, cwd)
+    before = finished(wait_for(cwd, name, mid_grid(1, 2), [p]))
+    p.kill_group(sig)  # a terminal's Ctrl-C (or a scheduler's stop) reaches the whole group
+    if twice:
+        time.sleep(0.3)
+        p.kill_group(sig)
+    rc = p.wait()
+    err = p.stderr()
+    no_traceback(err)
+    check(rc == code, f"exit code {rc}, documented {code}: {last_line(err)}")
+    check(last_line(err).startswith(f"spartune: {word}"), f"last line: {last_line(err)!r}")
+    left = states(trials(cwd, name))
+    check(left["RUNNING"] == 0, f"a clean stop left trials RUNNING: {dict(left)}")
+    _rerun(cwd, args)
+    return f"exit {rc}, {dict(left)}; after rerun {invariants(cwd, name, before).line()}"
+
+
+CASES["sigint"] = lambda cwd: _clean_stop(cwd, signal.SIGINT, 130, "interrupted")
+CASES["sigint_twice"] = lambda cwd: _clean_stop(cwd, signal.SIGINT, 130, "interrupted",
+                                                twice=True)
+CASES["sigterm"] = lambda cwd: _clean_stop(cwd, signal.SIGTERM, 143, "terminated")
+
+
+# -- the database -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def postgres(cwd: Path) -> Iterator[tuple[object, str]]:
+    from pg_server import PgServer
+
+    server = PgServer.find()
+    check(server is not None, "PostgreSQL is not installed (scripts/test.sh installs it)")
+    server.start()
+    try:
+        server.create_database("spartune")
+        yield server, server.url("spartune")
+    finally:
+        server.stop(keep_log=cwd / "postgresql.log")
+
+
+for _w in (1, 2, 4):
+    def _pg_kill(cwd: Path, w: int = _w) -> str:
+        with postgres(cwd) as (_, url):
+            return _kill_rerun(cwd, workers=1, url=url, machines=w)
+    CASES[f"sigkill_machines_postgres_m{_w}"] = _pg_kill
+
+
+@case("postgres_outage")
+def postgres_outage(cwd: Path) -> str:
+    """The server stops mid-sweep: every worker ends with one line saying the storage went
+    away (exit 3); the server comes back; the rerun finishes with nothing left RUNNING."""
+    name = "pg"
+    with postgres(cwd) as (server, url):
+        args = sweep_args(name, workers=2, storage=url)
+        p = start("spartune-sweep", args, cwd)
+        before = finished(wait_for(cwd, name, mid_grid(1, 1), [p], url=url))
+        server.pause()
+        rc = p.wait()
+        err = p.stderr()
+        no_traceback(err)
+        check(rc == 3, f"exit code {rc} when the storage went away, documented 3: "
+                       f"{last_line(err)}")
+        check("storage went away" in last_line(err), f"last line: {last_line(err)!r}")
+        server.resume()
+        _rerun(cwd, args)
+        out = invariants(cwd, name, before, url=url)
+        return f"exit {rc}: {last_line(err)[:90]}...; after rerun {out.line()}"
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def _spoil_checkpoint(cwd: Path, spoil: Callable[[Path], None]) -> str:
+    name = "ckpt"
+    args = sweep_args(name, workers=1, steps=120, checkpoint_every=20)
+    p = start("spartune-sweep", args, cwd)
+    folder = cwd / "results" / name / "checkpoints"
+
+    def has_checkpoint(ts) -> bool:
+        return mid_grid(1, 1)(ts) and any(folder.rglob("*.pt"))
+    before = finished(wait_for(cwd, name, has_checkpoint, [p]))
+    p.kill_group()
+    p.wait()
+    spoilt = sorted(folder.rglob("*.pt"))
+    for path in spoilt:
+        spoil(path)
+    r = start("spartune-sweep", args, cwd)
+    rc = r.wait()
+    err = r.stderr()
+    no_traceback(err)
+    check(rc == 0, f"the rerun exited {rc}: {last_line(err)}")
+    warnings = [line for line in err.splitlines() if "unreadable checkpoint" in line]
+    check(len(warnings) == len(spoilt), f"{len(warnings)} warning lines for {len(spoilt)} "
+                                        f"spoilt checkpoints:\n{err[-800:]}")
+    return f"{warnings[0][:100]}...; {invariants(cwd, name, before).line()}"
+
+
+CASES["checkpoint_truncated"] = lambda cwd: _spoil_checkpoint(
+    cwd, lambda p: os.truncate(p, p.stat().st_size // 2))
+CASES["checkpoint_garbled"] = lambda cwd: _spoil_checkpoint(
+    cwd, lambda p: p.write_bytes(random.Random(3).randbytes(p.stat().st_size)))
+
+
+def _done_study(cwd: Path, name: str) -> list[str]:
+    args = sweep_args(name, workers=2, checkpoint_every=0)
+    _rerun(cwd, args)
+    return args
+
+
+@case("disk_full_checkpoint")
+def disk_full_checkpoint(cwd: Path) -> str:
+    """A file-size limit (ulimit -f) below a checkpoint's size, above the journal's: the sweep
+    ends in one line naming the checkpoint, exit 3, no half file, the storage intact."""
+    name = "full"
+    args = sweep_args(name, workers=1, steps=60, checkpoint_every=20)
+    rc, _, err = run("spartune-sweep", args, cwd, fsize=200_000)  # a checkpoint: ~350 kB
+    no_traceback(err)
+    check(rc == 3, f"exit code {rc}, documented 3: {last_line(err)}")
+    line = last_line(err)
+    check(line.startswith("spartune: error: ") and ".pt:" in line and "no space" in line,
+          f"last line does not name the checkpoint: {line!r}")
+    check(not leftovers(cwd / "results"), f"half-written files left: {leftovers(cwd)}")
+    _rerun(cwd, args)
+    return f"{line[:110]}...; after rerun {invariants(cwd, name, {}).line()}"
+
+
+def _plot_full(cwd: Path, limit: int, what: str) -> str:
+    name = "full"
+    _done_study(cwd, name)
+    folder = cwd / "results" / name
+    files = [folder / "trials.csv", folder / "curves.csv", *folder.glob("figures/*")]
+    old = {p: p.read_bytes() for p in files}
+    # hydra.output_subdir=null: Hydra's own .hydra/ files are written before spartune runs
+    rc, _, err = run("spartune-plot", [f"study.name={name}", "hydra.output_subdir=null"], cwd,
+                     fsize=limit)
+    no_traceback(err)
+    line = last_line(err)
+    check(rc == 3, f"exit code {rc}, documented 3: {line}")
+    check(what in line and "no space" in line, f"last line does not name {what}: {line!r}")
+    changed = [p.name for p, b in old.items() if not p.exists() or p.read_bytes() != b]
+    check(not changed, f"files left changed or half-written: {changed}")
+    check(not leftovers(folder), f"temporary files left: {leftovers(folder)}")
+    before = finished(trials(cwd, name))
+    return f"{line[:110]}...; {invariants(cwd, name, before).line()}"
+
+
+CASES["disk_full_trials_csv"] = lambda cwd: _plot_full(cwd, 1_000, "trials.csv")
+CASES["disk_full_figure"] = lambda cwd: _plot_full(cwd, 12_000, ".png")
+
+
+@case("journal_torn_last_record")
+def journal_torn_last_record(cwd: Path) -> str:
+    """A power cut during an append leaves half a record at the end of the journal."""
+    name = "torn"
+    args = sweep_args(name, workers=2, checkpoint_every=0)
+    p = start("spartune-sweep", args, cwd)
+    before = finished(wait_for(cwd, name, mid_grid(1, 1), [p]))
+    p.kill_group()
+    p.wait()
+    journal = cwd / "results" / name / "optuna.journal"
+    with open(journal, "ab") as f:
+        f.write(b'{"op_code":6,"worker_id":"torn","trial_id":0,"user_attr":{"x"')
+    r = start("spartune-sweep", args, cwd)
+    rc = r.wait()
+    err = r.stderr()
+    no_traceback(err)
+    check(rc == 0, f"the rerun exited {rc}: {last_line(err)}")
+    warns = [line for line in err.splitlines() if "torn last record" in line]
+    check(len(warns) == 1, f"{len(warns)} warning lines about the torn record:\n{err[-600:]}")
+    return f"{warns[0][:90]}...; {invariants(cwd, name, before).line()}"
+
+
+@case("readers_during_sweep")
+def readers_during_sweep(cwd: Path) -> str:
+    """`spartune-plot` and `spartune-transfer` while the sweep writes: each reads a consistent
+    snapshot (exit 0, whole tables), and the sweep is not disturbed."""
+    import pandas as pd
+
+    name = "live"
+    args = sweep_args(name, workers=2, checkpoint_every=0, steps=100)
+    p = start("spartune-sweep", args, cwd)
+    wait_for(cwd, name, mid_grid(1, 1), [p])
+    rows = []
+    while p.popen.poll() is None and len(rows) < 3:
+        rc, _, err = run("spartune-plot", [f"study.name={name}"], cwd)
+        no_traceback(err)
+        check(rc == 0, f"spartune-plot during the sweep exited {rc}: {last_line(err)}")
+        rows.append(len(pd.read_csv(cwd / "results" / name / "trials.csv")))
+    rc, _, err = run("spartune-transfer", [
+        "-cn", "transfer", "data=synthetic", "train=smoke", "model.head_size=16",
+        f"transfer.source={name}", "transfer.params=[supar]", "transfer.widths=[64]",
+        "transfer.densities=[0.5]", "transfer.seeds=[0]", "transfer.hps=[lr]",
+        "study.name=live_targets", "train.device=cpu", "train.threads=1"], cwd)
+    no_traceback(err)
+    check(rc == 0, f"spartune-transfer during the sweep exited {rc}: {last_line(err)}")
+    rc = p.wait()
+    check(rc == 0, f"the sweep exited {rc}: {last_line(p.stderr())}")
+    check(rows == sorted(rows), f"trials.csv shrank between snapshots: {rows}")
+    return f"trials.csv rows {rows} while running; {invariants(cwd, name, {}).line()}"
