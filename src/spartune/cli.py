@@ -302,6 +302,11 @@ def _train(cfg: Config, run_dir: Path) -> None:
         cfg.model.init_std, m["final_val_loss"], m["final_train_loss"], m["steps"],
         m["tokens_per_second"], m["train_seconds"], run_dir,
     )
+    for row in m["hidden_layers"]:  # the layout each hidden layer got (model.sparse_impl)
+        log.info("hidden layer %s: %s, %dx%d, density %g, %d non-zeros, %.2f MiB params + "
+                 "%.2f MiB optimizer state", row["name"], row["impl"], *row["shape"],
+                 row["density"], row["nnz"], row["param_bytes"] / 2**20,
+                 row["optimizer_bytes"] / 2**20)
 
 
 def _coord(cfg: Config, run_dir: Path) -> None:

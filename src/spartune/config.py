@@ -18,6 +18,7 @@ DATASETS = ("pystdlib", "text", "memmap", "synthetic")
 SCHEDULES = ("linear", "cosine", "constant")
 MASK_KINDS = ("per_row", "exact", "bernoulli")
 DEVICES = ("auto", "cpu", "cuda")
+SPARSE_IMPLS = ("masked", "compressed", "auto")  # layouts.py
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,9 @@ class ModelConfig:
     layer_density: dict[str, float] = field(default_factory=dict)
     mask_kind: str = "per_row"  # per_row | exact | bernoulli (see sparsity.py)
     mask_seed: int | None = None  # None: derived from the run's `seed`
+    # How sparse hidden layers are stored and computed (layouts.py): masked (dense weight with
+    # zeros), compressed (non-zeros only, CSR kernels), auto (compressed where measured faster).
+    sparse_impl: str = "auto"
     init_std: float = 0.02  # sigma_base, tuned on the proxy
     tie_embeddings: bool = True  # the paper's Table 1 writes the unembedding with the tied W_emb
     bias: bool = False
@@ -295,6 +299,12 @@ def validate_model(m: ModelConfig, p: ParamConfig) -> None:
         _check(0 < d <= 1, f"model.layer_density.{layer}", f"must be in (0, 1], got {d}{hint}")
     _check(m.mask_kind in MASK_KINDS, "model.mask_kind",
            f"unknown mask kind {m.mask_kind!r}; choose one of {', '.join(MASK_KINDS)}")
+    _check(m.sparse_impl in SPARSE_IMPLS, "model.sparse_impl",
+           f"unknown implementation {m.sparse_impl!r}; choose one of {', '.join(SPARSE_IMPLS)}")
+    if m.sparse_impl == "compressed":
+        _check(any(m.density_of(layer) < 1 for layer in HIDDEN_LAYERS), "model.sparse_impl",
+               "nothing to compress at density 1 (every hidden layer is dense); use "
+               "model.sparse_impl=masked or auto")
     _positive(m.init_std, "model.init_std", " (sigma_base, e.g. 0.02)")
     _check(0 < p.base_density <= 1, "param.base_density",
            f"must be in (0, 1], got {p.base_density}")

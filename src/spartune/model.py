@@ -21,9 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spartune.config import ModelConfig, ParamConfig
+from spartune.layouts import CompressedLinear, HiddenLayer, apply_layout, trained_weight
 from spartune.parameterizer import Parameterization, parameterize
 from spartune.params import Role
 from spartune.sparsity import SparseLinear, expected_fan_in
+
+# A hidden layer is masked (dense storage) or compressed (non-zeros only): layouts.py. The rules
+# below read role, density and residual, which both layouts carry.
+HIDDEN = (SparseLinear, CompressedLinear)
 
 log = logging.getLogger(__name__)
 _WARNED: set[tuple[int, float]] = set()
@@ -143,9 +148,9 @@ class GPT(nn.Module):
 
     # -- structure ---------------------------------------------------------------------------
 
-    def hidden_layers(self) -> Iterator[SparseLinear]:
+    def hidden_layers(self) -> Iterator[HiddenLayer]:
         for mod in self.modules():
-            if isinstance(mod, SparseLinear):
+            if isinstance(mod, HIDDEN):
                 yield mod
 
     def tap_modules(self) -> dict[str, list[nn.Module]]:
@@ -172,11 +177,15 @@ class GPT(nn.Module):
         return out
 
     def n_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters of the architecture: a compressed layer counts its dense shape too."""
+        dropped = sum(layer.in_features * layer.out_features - layer.nonzero()
+                      for layer in self.hidden_layers() if isinstance(layer, CompressedLinear))
+        return sum(p.numel() for p in self.parameters()) + dropped
 
     def n_nonzero_params(self) -> int:
         """Parameters that can be non-zero: masked entries of hidden weights do not count."""
-        masked = sum(layer.weight.numel() - layer.nonzero() for layer in self.hidden_layers())
+        masked = sum(layer.in_features * layer.out_features - layer.nonzero()
+                     for layer in self.hidden_layers())
         return self.n_params() - masked
 
     # -- the parameterization ------------------------------------------------------------------
@@ -207,13 +216,17 @@ class GPT(nn.Module):
 
 
 def build_model(m: ModelConfig, p: ParamConfig, *, vocab_size: int, max_len: int,
-                seed: int, mask_seed: int) -> GPT:
+                seed: int, mask_seed: int, device: str | torch.device = "cpu") -> GPT:
     """Build on the CPU and parameterize it through `parameterize`: masks and init from seeded
     generators (same seeds, same model), multipliers from the rule table.
 
     The base is the same GPT at `model.base_width` (only its shapes are read), so each
     layer's m_d is its fan_in over the base's; roles are the ones the layers were built with,
     so a proxy at its own base width needs no shape inference.
+
+    Then each hidden layer gets its layout (`m.sparse_impl`; `auto` decides for the `device`
+    the model will run on, layouts.choose): a compressed layer keeps the masked init values,
+    and the parameterization hands the optimizer its non-zero `values` instead of the weight.
     """
     model = GPT(m, vocab_size=vocab_size, max_len=max_len)
     # The base is small (the proxy's width), so it is built on the CPU: the meta device would
@@ -240,6 +253,10 @@ def build_model(m: ModelConfig, p: ParamConfig, *, vocab_size: int, max_len: int
         block.attn.scale = sm.attention_scale(m.head_size)
     model.parameterization = sm
     _warn_low_fan_in(model, m)
+    for name, layout in apply_layout(model, m.sparse_impl, device).items():
+        if layout == "compressed":
+            layer = model.get_submodule(name)
+            sm.relayout(f"{name}.weight", name, layer, trained_weight(layer), layout)
     return model
 
 

@@ -123,6 +123,18 @@ class Parameterization:
                            "weight_decay": wd})
         return groups
 
+    def relayout(self, name: str, module_name: str, module: nn.Module, param: nn.Parameter,
+                 layout: str) -> None:
+        """A layout that replaced a hidden layer's module (layouts.apply_layout: a compressed
+        layer trains its non-zero `values`, not a dense `weight`) registers the new module and
+        parameter here, so `param_groups` hands the optimizer what trains. The rules do not
+        change: the row keeps its role, init and LR multiplier."""
+        self._params[name] = param
+        self._modules[module_name] = module
+        for r in self.rows:
+            if r.name == name:
+                r.layout = layout
+
     # -- what it did ---------------------------------------------------------------------------
 
     def table(self) -> pd.DataFrame:

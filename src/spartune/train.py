@@ -30,6 +30,7 @@ import torch
 from spartune import atomic
 from spartune.config import Config, OptimConfig, validate
 from spartune.data import Corpus, load_corpus
+from spartune.layouts import describe
 from spartune.model import GPT, build_model
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def setup(cfg: Config, *, corpus: Corpus | None = None, root: str | Path = ".") 
                           f"set's vocabulary ({corpus.vocab_size}); leave it unset")
     vocab = cfg.model.vocab_size or corpus.vocab_size
     model = build_model(cfg.model, cfg.param, vocab_size=vocab, max_len=cfg.train.seq_len,
-                        seed=cfg.seed, mask_seed=cfg.mask_seed).to(device)
+                        seed=cfg.seed, mask_seed=cfg.mask_seed, device=device).to(device)
     o = cfg.optim
     groups = model.param_groups(o.weight_decay, wd_independent=o.wd_independent_of_lr_mult)
     optimizer = make_adamw(groups, o, device)
@@ -311,11 +312,24 @@ def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = 
         "alpha_input": cfg.param.alpha_input,
         "alpha_output": cfg.param.alpha_output,
         "loss_ceiling": ceiling,
+        **hidden_layer_metrics(cfg, model, opt),
     }
     if out_dir is not None:
         write_outputs(Path(out_dir), metrics, curve)
     metrics["curve"] = curve
     return metrics
+
+
+def hidden_layer_metrics(cfg: Config, model: GPT, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Which layout each hidden layer got (model.sparse_impl) and what it holds in memory."""
+    layers = describe(model, opt)
+    return {
+        "sparse_impl": cfg.model.sparse_impl,
+        "hidden_layers": layers,
+        "hidden_param_bytes": sum(r["param_bytes"] for r in layers),
+        "hidden_grad_bytes": sum(r["grad_bytes"] for r in layers),
+        "hidden_optimizer_bytes": sum(r["optimizer_bytes"] for r in layers),
+    }
 
 
 def write_outputs(out: Path, metrics: dict[str, Any], curve: list[dict[str, float | int]]) -> None:
