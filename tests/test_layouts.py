@@ -160,7 +160,7 @@ def test_a_checkpoint_saved_under_compressed_loads_under_masked_and_back(tmp_pat
             layer.bias.normal_()
     torch.save(src.state_dict(), tmp_path / "c.pt")
     sd = torch.load(tmp_path / "c.pt", weights_only=True)
-    assert sum(k.endswith(".mask") for k in sd) == 8 and not any("values" in k for k in sd)
+    assert sum(k.endswith(".weight_mask") for k in sd) == 8 and not any("values" in k for k in sd)
 
     masked = _model("masked", seed=5, mask_seed=2, bias=True)  # other init, other masks
     masked.load_state_dict(sd)
@@ -183,9 +183,9 @@ def test_a_checkpoint_saved_under_compressed_loads_under_masked_and_back(tmp_pat
 def test_strict_load_reports_missing_and_unexpected_keys():
     model = _model("compressed")
     sd = model.state_dict()
-    key = next(k for k in sd if k.endswith("mlp.up.mask"))
+    key = next(k for k in sd if k.endswith("mlp.up.weight_mask"))
     broken = {k: v for k, v in sd.items() if k != key}
-    broken[key.replace(".mask", ".values")] = torch.zeros(3)
+    broken[key.replace(".weight_mask", ".values")] = torch.zeros(3)
     res = model.load_state_dict(broken, strict=False)
     assert key in res.missing_keys
     with pytest.raises(RuntimeError, match="Unexpected key"):

@@ -38,7 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from spartune.params import Role
-from spartune.sparsity import SparseLinear
+from spartune.sparsity import SparseLinear, mask_name
+
+MASK_KEY = mask_name("weight")  # the masked layer's key: checkpoints load across layouts
 
 IMPLS = ("masked", "compressed", "auto")
 
@@ -236,14 +238,14 @@ class CompressedLinear(nn.Module):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.dense_weight()
-        destination[prefix + "mask"] = self.mask()
+        destination[prefix + MASK_KEY] = self.mask()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
                               strict: bool, missing_keys: list, unexpected_keys: list,
                               error_msgs: list) -> None:
-        own = ["weight", "mask"] + (["bias"] if self.bias is not None else [])
+        own = ["weight", MASK_KEY] + (["bias"] if self.bias is not None else [])
         for key in own:
             if prefix + key not in state_dict:
                 missing_keys.append(prefix + key)
@@ -251,9 +253,9 @@ class CompressedLinear(nn.Module):
             for key in state_dict:
                 if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0] not in own:
                     unexpected_keys.append(key)
-        if prefix + "weight" not in state_dict or prefix + "mask" not in state_dict:
+        if prefix + "weight" not in state_dict or prefix + MASK_KEY not in state_dict:
             return
-        weight, mask = state_dict[prefix + "weight"], state_dict[prefix + "mask"]
+        weight, mask = state_dict[prefix + "weight"], state_dict[prefix + MASK_KEY]
         if weight.shape != (self.out_features, self.in_features) or mask.shape != weight.shape:
             error_msgs.append(f"size mismatch for {prefix}weight/mask: checkpoint has "
                               f"{tuple(weight.shape)}, this layer is "
