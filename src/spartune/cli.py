@@ -123,6 +123,7 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
         _check_group_choices(sys.argv[1:], root / "conf")
         _check_config_name(sys.argv[1:], root)
         primary, sys.argv[1:] = _config_dirs(sys.argv[1:], config_name, root)
+        scratch = _scratch_for_other_ranks()
         register_configs()
 
         @hydra.main(version_base="1.3", config_path=str(primary), config_name=config_name)
@@ -144,15 +145,35 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
                       file=sys.stderr)
                 sys.exit(130)
 
-        _main()
+        try:
+            _main()
+        finally:
+            if scratch is not None:
+                import shutil
+
+                shutil.rmtree(scratch, ignore_errors=True)
 
     return main
+
+
+def _scratch_for_other_ranks() -> str | None:
+    """Under torchrun, ranks other than 0 write nothing: Hydra's run folder (its config copy and
+    log) goes to a scratch folder removed at exit, and the run learns rank 0's folder from it."""
+    import tempfile
+
+    if os.environ.get("RANK", "0") == "0":
+        return None
+    scratch = tempfile.mkdtemp(prefix=f"spartune-rank{os.environ['RANK']}-")
+    sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+    return scratch
 
 
 def _train(cfg: Config, run_dir: Path) -> None:
     from spartune import train
 
     m = train.run(cfg, out_dir=run_dir)
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 speaks for a data-parallel run
     status = f"DIVERGED at step {m['diverged_step']}" if m["diverged"] else "ok"
     log.info(
         "%s: param=%s width=%d density=%g lr=%g init_std=%g | final val loss %.4f, "
