@@ -35,6 +35,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from spartune import launch
 from spartune.columns import HP_FIELDS
 from spartune.config import (
     Config,
@@ -147,6 +148,7 @@ def validate_study(cfg: Config) -> None:
             raise ConfigError(f"{f}.step", "must be > 0")
         if s.sampler == "grid":
             grid_values(name, dim)
+    launch.check_devices(cfg, launch.visible_gpus())
     validate(cfg)
 
 
@@ -316,7 +318,6 @@ def _clean(v: Any) -> Any:
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell) -> float | None:
     """Run one training run as `trial`, record everything in its user attrs, and tell Optuna."""
-    from spartune import train
 
     values = _suggest(trial, cfg)
     run_cfg = cell_config(cfg, cell, values)
@@ -340,7 +341,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
 
     ckpt = checkpoint_path(cfg, cell, trial.params)
     try:
-        m = train.run(run_cfg, report, checkpoint=ckpt)
+        m = launch.train_trial(cfg, run_cfg, report, ckpt, study=study, trial=trial)
     except optuna.TrialPruned:
         _drop(ckpt)
         study.tell(trial, state=TrialState.PRUNED)
@@ -517,6 +518,7 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
     import torch
 
     torch.set_num_threads(worker_threads(cfg))
+    launch.pin_worker(cfg, worker)  # its own GPU(s), when there are GPUs
     storage = open_storage(cfg)
     total, grid, start = budget(cfg), cfg.study.sampler == "grid", time.monotonic()
     ran = 0
