@@ -266,6 +266,7 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
     diverged_at: int | None = None
     init_loss = -math.inf  # first step's loss: diverged only above 1.5x it and the ceiling
     train_seconds, step, start, skipped = 0.0, 0, 0, 0
+    first_step_seconds = 0.0
     ckpt = None
     if t.checkpoint_every > 0 and (checkpoint is not None or out_dir is not None):
         ckpt = Path(checkpoint) if checkpoint is not None else Path(out_dir) / "checkpoint.pt"
@@ -341,6 +342,8 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
                 opt.step()
             value = loss.item()  # the one host sync per step: the logged loss
             train_seconds += time.perf_counter() - tic
+            if step == start + 1:
+                first_step_seconds = time.perf_counter() - tic  # compiles, when compile is on
             window.append(value)
             if step == 1:
                 init_loss = value
@@ -387,6 +390,7 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
         "tokens": step * t.batch_size * t.seq_len,
         "tokens_per_second": step * t.batch_size * t.seq_len / max(train_seconds, 1e-9),
         "train_seconds": train_seconds,
+        "first_step_seconds": first_step_seconds,  # includes torch.compile's compile time
         "n_params": model.n_params(),
         "n_nonzero_params": model.n_nonzero_params(),
         "device": str(device),
