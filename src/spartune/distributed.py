@@ -83,13 +83,6 @@ def init(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local, owns)
 
 
-def run_device(device: torch.device, d: Dist) -> torch.device:
-    """The device of this rank: its own GPU on CUDA (cuda:LOCAL_RANK), else the given one."""
-    if d.active and device.type == "cuda":
-        return torch.device("cuda", d.local_rank)
-    return device
-
-
 def close(d: Dist) -> None:
     if d.owns_group and dist.is_initialized():
         dist.destroy_process_group()
@@ -182,5 +175,7 @@ def wrap(model: nn.Module, device: torch.device, d: Dist) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ids = [device.index] if device.type == "cuda" else None
+    ids = None
+    if device.type == "cuda":  # "cuda" alone means the current device, set by `init`
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
     return DDP(model, device_ids=ids, broadcast_buffers=False)
