@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli, tiny_config
+from conftest import ROOT, tiny_config
 from spartune import distributed, train
 from spartune.config import ConfigError
 
@@ -145,10 +145,3 @@ def test_different_masks_have_different_digests():
     c = train.setup(tiny_config(model__density=0.5, model__mask_seed=99)).model
     assert distributed.mask_digest(a) == distributed.mask_digest(b)
     assert distributed.mask_digest(a) != distributed.mask_digest(c)
-
-
-def test_train_usage_is_one_line_for_a_single_process(workdir):
-    # outside torchrun, a batch that does not split over micro-batches is caught by validate
-    r = cli("spartune-train", "train=smoke", "data=synthetic", "train.micro_batch_size=3",
-            cwd=workdir)
-    assert r.returncode == 2 and r.stderr.startswith("spartune: error: train.micro_batch_size")

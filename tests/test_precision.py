@@ -16,6 +16,7 @@ import torch
 
 from conftest import cli, tiny_config
 from spartune import train
+from spartune.config import ConfigError, validate
 from spartune.sparsity import SparseLinear
 
 
@@ -143,14 +144,22 @@ def test_a_model_that_cannot_compile_ends_in_one_line(workdir, tmp_path):
     assert last.endswith("use train.compile=false")
 
 
-@pytest.mark.parametrize("over, field", [
-    (["train.batch_size=8", "train.micro_batch_size=3"], "train.micro_batch_size"),
-    (["train.micro_batch_size=0"], "train.micro_batch_size"),
-    (["train.precision=fp8"], "train.precision"),
-])
-def test_bad_precision_and_micro_batch_are_one_line(workdir, over, field):
-    r = cli("spartune-train", "train=smoke", "data=synthetic", "train.device=cpu", *over,
-            cwd=workdir)
+def test_a_micro_batch_that_does_not_divide_the_batch_is_one_line(workdir):
+    r = cli("spartune-train", "train=smoke", "data=synthetic", "train.device=cpu",
+            "train.batch_size=8", "train.micro_batch_size=3", cwd=workdir)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"spartune: error: {field}: "), r.stderr
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("spartune: error: train.micro_batch_size: 3 does not divide "
+                               "train.batch_size=8; use a divisor of it (e.g. 2)")
+
+
+@pytest.mark.parametrize("over, field", [
+    (dict(train__micro_batch_size=0), "train.micro_batch_size"),
+    (dict(train__precision="fp8"), "train.precision"),
+    (dict(train__compile="yes"), "train.compile"),
+])
+def test_bad_precision_compile_and_micro_batch_name_their_field(over, field):
+    with pytest.raises(ConfigError) as e:
+        validate(tiny_config(**over))
+    assert e.value.field == field
