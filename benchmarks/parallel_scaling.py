@@ -1,4 +1,4 @@
-"""Local parallel sweeps: trials per hour with study.workers=2 vs workers=1 (target >= 1.8x).
+"""Local parallel sweeps: trials/hour with study.workers=2 vs 1, as a share of the ceiling (>= 0.9).
 
 Why: `study.workers=N` runs N local processes on one journal. Small proxy models do not use
 2 cores well with intra-op threads alone, so 2 single-threaded workers should come close to
@@ -18,6 +18,10 @@ intra-op threads. So workers=N can at best reach N x t(trial, cpu_count threads)
 t(trial, cpu_count // N threads), with zero start and coordination cost and no contention
 between the processes. The benchmark measures both trial times side by side (one trial each,
 alternating, in this process) and prints that ceiling and the share of it the sweep reaches.
+
+The target is what the machine allows: the sweep's ratio must reach >= 0.9 of that measured
+ceiling (the verdict's figure is ratio / ceiling). A fixed 1.8x would credit or blame the
+sweep for how well one trial happens to use 2 intra-op threads on the machine at hand.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from spartune.config import Config, SearchDim  # noqa: E402
 from spartune.sweep import sweep, worker_context  # noqa: E402
 
 NAME = "parallel_scaling"
-TARGET = 1.8
+TARGET = 0.9  # share of the measured ceiling 2 x t(2 threads) / t(1 thread)
 
 
 def study_config(results_dir: str, workers: int, *, lr_points: int, std_points: int,
@@ -147,7 +151,8 @@ def main() -> None:
           "imports (torch, optuna, spartune)")
     print(f"# ceiling {ceiling:.3f} (workers=1 already runs {cores} intra-op threads); "
           f"the sweep reaches {ratio / ceiling:.0%} of it")
-    verdict(NAME, ratio, f">={TARGET}", ratio >= TARGET)
+    share = ratio / ceiling
+    verdict(NAME, share, f">={TARGET}", share >= TARGET)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,21 @@ before any torch op, so torch's worker threads inherit it). Without it, the plai
 numerics: one LR for every layer, unscaled logits) drifts into denormal floats at width 512
 after ~10 steps and its step time nearly doubles, which would credit spartune with a speed-up
 that is numerics, not machinery. `--denormals keep` measures with the CPU's default.
+
+Large-target rows (`--modes`, default `compile bf16`; `--quick` runs bf16 only): the same
+`train.run` with `train.compile=true` and with `train.precision=bf16`, against eager fp32
+`train.run`, alternating with the other sides. These rows compare the step loop's steady state:
+tokens/s over all steps but the first (`train_seconds - first_step_seconds`), since the first
+compiled step includes the compile itself (tens of seconds on a CPU; reported apart). Goals:
+compile >= 1.1x eager at width 128 on a CPU.
+
+MFU: model FLOPs per token = 6 N + 12 depth seq_len width, with N the weights that enter a
+matmul (12 width^2 per block, plus the vocab x width unembedding; masked weights count, as the
+masked layout computes them densely) and the attention term counting QK^T and AV forward and
+backward without the causal discount (PaLM's convention). Achieved FLOP/s = tokens/s x that;
+the peak is this machine's fp32 matmul rate, measured in the same run (`matmul_peak`: the best
+of several square fp32 matmuls at the benchmark's thread count). Goal: MFU >= 80 % at width 512
+(eager fp32).
 """
 
 from __future__ import annotations
@@ -60,6 +75,39 @@ from spartune.data import Corpus, load_corpus  # noqa: E402
 
 NAME = "trainer_throughput"
 TARGET = 1.0
+COMPILE_GOAL = 1.1  # compile vs eager tokens/s at width 128 (CPU)
+MFU_GOAL = 0.8  # eager fp32 at width 512, vs the measured fp32 matmul peak
+
+
+def matmul_peak(n: int = 1024, repeats: int = 5, min_seconds: float = 0.3) -> float:
+    """The machine's fp32 matmul FLOP/s at the current thread count: best of `repeats` bursts."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm the kernel and the thread pool
+    best = 0.0
+    for _ in range(repeats):
+        k, tic = 0, time.perf_counter()
+        while True:
+            torch.mm(a, b)
+            k += 1
+            secs = time.perf_counter() - tic
+            if secs >= min_seconds:
+                break
+        best = max(best, 2 * n**3 * k / secs)
+    return best
+
+
+def flops_per_token(cfg: Config, vocab: int) -> float:
+    """6 N + 12 L T d (see the module docstring)."""
+    m, t = cfg.model, cfg.train
+    n_matmul = m.depth * 12 * m.width**2 + vocab * m.width
+    return 6 * n_matmul + 12 * m.depth * t.seq_len * m.width
+
+
+def steady_tok_s(m: dict[str, Any], cfg: Config) -> float:
+    """Tokens/s of the step loop without its first step (which compiles when compile is on)."""
+    steps = m["steps"] - 1
+    secs = m["train_seconds"] - m["first_step_seconds"]
+    return steps * cfg.train.batch_size * cfg.train.seq_len / max(secs, 1e-9)
 
 
 # -- the plain baseline: nanoGPT-style, no parameterization ------------------------------------
@@ -142,23 +190,55 @@ def plain_run(cfg: Config, corpus: Corpus) -> dict[str, float]:
 # -- the measurement -------------------------------------------------------------------------
 
 
+def mode_config(width: int, steps: int, threads: int, mode: str) -> Config:
+    cfg = bench_config(width=width, steps=steps, threads=threads)
+    if mode == "compile":
+        cfg.train.compile = True
+    elif mode == "bf16":
+        cfg.train.precision = "bf16"
+    return cfg
+
+
 def measure(width: int, steps: int, rounds: int, corpus: Corpus,
-            threads: int) -> dict[str, Any]:
+            threads: int, modes: list[str]) -> dict[str, Any]:
     cfg = bench_config(width=width, steps=steps, threads=threads)
     tokens = steps * cfg.train.batch_size * cfg.train.seq_len
+    steady: dict[str, list[float]] = {mode: [] for mode in ["fp32", *modes]}
+    first: dict[str, list[float]] = {mode: [] for mode in ["fp32", *modes]}
 
     def spartune_side() -> tuple[float, float]:
         wall, m = timed(lambda: train.run(cfg, corpus=corpus))
+        steady["fp32"].append(steady_tok_s(m, cfg))
+        first["fp32"].append(m["first_step_seconds"])
         return wall, m["train_seconds"]
 
     def plain_side() -> tuple[float, float]:
         wall, m = timed(lambda: plain_run(cfg, corpus))
         return wall, m["train_seconds"]
 
-    res = alternate({"spartune": spartune_side, "plain": plain_side}, rounds)
+    def mode_side(mode: str):  # noqa: ANN202
+        mcfg = mode_config(width, steps, threads, mode)
+
+        def fn() -> float:
+            m = train.run(mcfg, corpus=corpus)
+            steady[mode].append(steady_tok_s(m, mcfg))
+            first[mode].append(m["first_step_seconds"])
+            return m["train_seconds"]
+        return fn
+
+    sides = {"spartune": spartune_side, "plain": plain_side}
+    sides.update({mode: mode_side(mode) for mode in modes})
+    res = alternate(sides, rounds)
+    n_warm = len(steady["fp32"]) - rounds  # the untimed warm-up round(s)
+    steady = {k: v[n_warm:] for k, v in steady.items()}
+    first = {k: v[n_warm:] for k, v in first.items()}
     s_wall, s_loop = zip(*res["spartune"], strict=True)
     p_wall, p_loop = zip(*res["plain"], strict=True)
     return {
+        "steady": steady,
+        "first": first,
+        "mode_ratio": {k: median(paired_ratios(v, steady["fp32"])) for k, v in steady.items()},
+        "cfg": cfg,
         "width": width,
         "steps": steps,
         "spartune_tok_s": tokens / median(s_wall),
@@ -178,6 +258,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="steps per run, one per width (default 100 at 128, 25 at 512)")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--modes", nargs="*", choices=["compile", "bf16"], default=None,
+                   help="large-target rows against eager fp32 (default: compile bf16; "
+                        "--quick: bf16)")
     add_step_options(p)
     a = p.parse_args()
     configure_process(a.threads, a.denormals)
@@ -189,8 +272,10 @@ def main() -> None:
     print_machine(f"{NAME}: spartune train.run (SμPar, density 1) vs plain PyTorch loop, "
                   f"batch 16x64, {a.threads} threads, denormals {a.denormals}, "
                   f"{rounds} alternating rounds")
+    modes = a.modes if a.modes is not None else (["bf16"] if a.quick else ["compile", "bf16"])
     corpus = load_corpus(bench_config().data)
-    rows = [measure(w, s, rounds, corpus, a.threads)
+    peak = matmul_peak(512 if a.quick else 1024)
+    rows = [measure(w, s, rounds, corpus, a.threads, modes)
             for w, s in zip(widths, steps, strict=True)]
     print_table(
         ["width", "steps/run", "spartune tok/s", "plain tok/s", "ratio (whole run)",
@@ -202,6 +287,32 @@ def main() -> None:
     for r in rows:
         print(f"# width {r['width']}: per-round ratios "
               + ", ".join(f"{x:.3f}" for x in r["ratios"]))
+    mode_rows = []
+    for r in rows:
+        fpt = flops_per_token(r["cfg"], corpus.vocab_size)
+        for mode, tok in r["steady"].items():
+            tok_s = median(tok)
+            mode_rows.append([r["width"], "eager fp32" if mode == "fp32" else mode, tok_s,
+                              r["mode_ratio"][mode], median(r["first"][mode]),
+                              tok_s * fpt / 1e9, tok_s * fpt / peak])
+    print_table(
+        ["width", "mode", "tok/s (steady)", "ratio vs eager fp32", "first step s",
+         "model GFLOP/s", "MFU"],
+        mode_rows,
+        title=f"large-target modes: steady state (all steps but the first), medians; ratio = "
+              f"median of per-round ratios; MFU vs the fp32 matmul peak measured now, "
+              f"{peak / 1e9:.1f} GFLOP/s",
+    )
+    for r in rows:
+        if "compile" in r["mode_ratio"] and r["width"] == 128:
+            c = r["mode_ratio"]["compile"]
+            print(f"# goal: compile/eager at width 128 = {c:.3f} (goal >= {COMPILE_GOAL}) "
+                  f"{'pass' if c >= COMPILE_GOAL else 'missed'}")
+        if r["width"] == 512:
+            mfu = median(r["steady"]["fp32"]) * flops_per_token(r["cfg"], corpus.vocab_size)
+            mfu /= peak
+            print(f"# goal: MFU eager fp32 at width 512 = {mfu:.1%} (goal >= {MFU_GOAL:.0%}) "
+                  f"{'pass' if mfu >= MFU_GOAL else 'missed'}")
     worst = min(r["ratio"] for r in rows)
     verdict(NAME, worst, f">={TARGET}", worst >= TARGET)
 

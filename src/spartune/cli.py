@@ -244,6 +244,7 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
         if completing:
             _completion_line(all_roots, primary)
         sys.argv[1:] = _help_overrides(argv, all_roots)
+        scratch = _scratch_for_other_ranks()
         register_configs()
 
         @hydra.main(version_base="1.3", config_path=primary, config_name=config_name)
@@ -285,15 +286,35 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
                 fail("study.storage", f"the storage went away ({cause}); finished trials are "
                      "kept: run the same command again once it answers", stops.EXIT_ENVIRONMENT)
 
-        _main()
+        try:
+            _main()
+        finally:
+            if scratch is not None:
+                import shutil
+
+                shutil.rmtree(scratch, ignore_errors=True)
 
     return main
+
+
+def _scratch_for_other_ranks() -> str | None:
+    """Under torchrun, ranks other than 0 write nothing: Hydra's run folder (its config copy and
+    log) goes to a scratch folder removed at exit, and the run learns rank 0's folder from it."""
+    import tempfile
+
+    if os.environ.get("RANK", "0") == "0":
+        return None
+    scratch = tempfile.mkdtemp(prefix=f"spartune-rank{os.environ['RANK']}-")
+    sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+    return scratch
 
 
 def _train(cfg: Config, run_dir: Path) -> None:
     from spartune import train
 
     m = train.run(cfg, out_dir=run_dir)
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 speaks for a data-parallel run
     status = f"DIVERGED at step {m['diverged_step']}" if m["diverged"] else "ok"
     log.info(
         "%s: param=%s width=%d density=%g lr=%g init_std=%g | final val loss %.4f, "

@@ -19,6 +19,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 MASK_KINDS = ("per_row", "exact", "bernoulli")
 DEVICES = ("auto", "cpu", "cuda")
 SPARSE_IMPLS = ("masked", "compressed", "auto")  # layouts.py
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -131,6 +132,14 @@ class TrainConfig:
     # Save model, masks, optimizer and RNG state every this many steps (0: never); a rerun
     # resumes from the last checkpoint. Sweeps keep one per trial under results/<study>/.
     checkpoint_every: int = 0
+    # fp32 | bf16 | fp16: autocast for the forward and the loss; weights and AdamW state stay
+    # fp32 (fp16 adds a gradient scaler; its skipped steps are counted in metrics.json).
+    precision: str = "fp32"
+    compile: bool = False  # torch.compile the model (CPU: needs the machine's C++ compiler)
+    # Rows per forward/backward pass on one process; None: the process's whole share of the
+    # batch. `batch_size` stays the global batch (what HP transfer depends on): smaller
+    # micro-batches only trade memory for gradient-accumulation steps, same math.
+    micro_batch_size: int | None = None
 
 
 @dataclass
@@ -189,6 +198,12 @@ class StudyConfig:
     pruner_startup_trials: int = 4  # median: trials that run to the end before pruning starts
     storage: str | None = None  # any Optuna storage URL; None: the journal file
     workers: int = 1  # local worker processes; more machines: run the same command there
+    # Processes per trial: N > 1 makes every trial one N-process data-parallel run launched
+    # through torch.distributed.run (one GPU per process on CUDA, gloo ranks on a CPU).
+    nproc_per_trial: int = 1
+    # GPUs the local workers share out, round robin (worker w gets the next nproc_per_trial of
+    # them); None: every visible GPU. Ignored on a machine without CUDA.
+    devices: list[int] | None = None
     role: str = "search"
     # What a trial runs (objectives.py). Empty and null: the built-in `train.run`. Else a
     # Python function named the Hydra way, {_target_: mypkg.train.run, **kwargs}, called as
@@ -342,8 +357,23 @@ def validate(cfg: Config) -> None:
            f"unknown device {t.device!r}; choose one of {', '.join(DEVICES)}")
     _check(t.threads >= 0, "train.threads", "must be >= 0 (0 keeps torch's default)")
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: no checkpoints)")
+    _check(t.precision in PRECISIONS, "train.precision",
+           f"unknown precision {t.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    _check(isinstance(t.compile, bool), "train.compile", "must be true or false")
+    if t.micro_batch_size is not None:
+        _positive(t.micro_batch_size, "train.micro_batch_size",
+                  " (rows per forward pass; null: the whole batch)")
+        _check(t.batch_size % t.micro_batch_size == 0, "train.micro_batch_size",
+               f"{t.micro_batch_size} does not divide train.batch_size={t.batch_size}; use a "
+               f"divisor of it (e.g. {_divisor_below(t.batch_size, t.micro_batch_size)}) or "
+               "null for the whole batch")
     check_name(cfg.name, "name")
     validate_objective(cfg.study)
+
+
+def _divisor_below(n: int, k: int) -> int:
+    """The largest divisor of n that is <= k: the nearest valid micro-batch to suggest."""
+    return max(d for d in range(1, min(n, max(1, k)) + 1) if n % d == 0)
 
 
 def check_name(name: str, field: str) -> None:
@@ -400,6 +430,10 @@ def validate_objective(s: StudyConfig) -> None:
         _check(isinstance(target, str) and "." in target.strip(".") and " " not in target,
                "study.objective._target_", f"must name a function as module.function (e.g. "
                f"mypkg.train.run), got {target!r}")
+    if (s.objective or s.command is not None) and s.nproc_per_trial > 1:
+        raise ConfigError("study.nproc_per_trial", "multi-process trials run the built-in "
+                          "objective only; launch torchrun inside your own objective instead, "
+                          "or set study.nproc_per_trial=1")
     if s.command is not None:
         _check(bool(str(s.command).strip()), "study.command",
                "is empty; give a command, e.g. 'python train.py lr={lr}', or null")

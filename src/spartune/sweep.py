@@ -36,7 +36,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from spartune import atomic, stops
+from spartune import atomic, launch, stops
 from spartune.columns import HP_FIELDS
 from spartune.config import (
     Config,
@@ -150,6 +150,7 @@ def validate_study(cfg: Config) -> None:
             raise ConfigError(f"{f}.step", "must be > 0")
         if s.sampler == "grid":
             grid_values(name, dim)
+    launch.check_devices(cfg, launch.visible_gpus())
     validate(cfg)
 
 
@@ -422,8 +423,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
 
     ckpt = checkpoint_path(cfg, cell, trial.params)
     try:
-        m = objectives.run(run_cfg, report, checkpoint=ckpt, values=values, trial=trial.number,
-                           cell=cell.key)
+        if cfg.study.nproc_per_trial > 1:  # the built-in run on N processes (launch.py)
+            m = launch.train_trial(cfg, run_cfg, report, ckpt, study=study, trial=trial)
+        else:
+            m = objectives.run(run_cfg, report, checkpoint=ckpt, values=values,
+                               trial=trial.number, cell=cell.key)
     except optuna.TrialPruned:
         _drop(ckpt)
         with stops.deferred():
@@ -697,6 +701,7 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
 
     torch.set_num_threads(worker_threads(cfg))
     stops.quiet_storage_threads()
+    launch.pin_worker(cfg, worker)  # its own GPU(s), when there are GPUs
     storage = open_storage(cfg)
     total, grid, start = budget(cfg), cfg.study.sampler == "grid", time.monotonic()
     ran = 0

@@ -12,6 +12,7 @@ is not diverging unless training makes it markedly worse.) Same seed, same losse
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -27,9 +28,10 @@ from typing import Any
 
 import torch
 
-from spartune import atomic
-from spartune.config import Config, OptimConfig, validate
+from spartune import atomic, distributed
+from spartune.config import Config, ConfigError, OptimConfig, validate
 from spartune.data import Corpus, load_corpus
+from spartune.distributed import Dist
 from spartune.layouts import describe
 from spartune.model import GPT, build_model
 
@@ -141,12 +143,46 @@ def corpus_for(cfg: Config, *, root: str | Path = ".") -> Corpus:
 
 @torch.no_grad()
 def evaluate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device) -> float:
-    total = 0.0
+             device: torch.device, *, dist: Dist | None = None,
+             precision: str = "fp32") -> float:
+    """Mean over the batches of each batch's mean token loss.
+
+    Under DDP each rank takes its rows of every batch and the per-batch sums are added over
+    the ranks in one all-reduce: the same number one process computes (up to float rounding).
+    """
+    d = dist or Dist()
+    parts = []
     for x, y in batches:
-        _, loss = model(x.to(device), y.to(device))
-        total += float(loss)
-    return total / len(batches)
+        xs, ys = distributed.shard(x, d), distributed.shard(y, d)
+        with autocast(device, precision):
+            _, loss = model(xs.to(device), ys.to(device))
+        parts.append(loss.float() * (xs.shape[0] / x.shape[0]))
+    per_batch = distributed.all_sum(torch.stack(parts), d)
+    return float(per_batch.mean())
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """Autocast to bf16 / fp16 for the forward and the loss; nothing for fp32.
+
+    The weights stay fp32 (autocast casts them per op, and the cast's backward hands fp32
+    gradients to the fp32 parameters), so AdamW updates fp32 master weights with fp32 state.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def compile_model(net: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile of the (possibly DDP-wrapped) model; it compiles lazily at the first step."""
+    return torch.compile(net)
+
+
+def compile_error(e: Exception) -> ConfigError:
+    """A failed compile as one line that names the way out."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return ConfigError("train.compile", f"torch.compile could not compile the model "
+                       f"({type(e).__name__}: {first[:200]}); use train.compile=false")
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -164,6 +200,8 @@ def config_fingerprint(cfg: Config) -> str:
     keep["train"] = {k: v for k, v in asdict(cfg.train).items()
                      if k in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches",
                               "loss_ceiling")}
+    if cfg.train.precision != "fp32":  # fp32 runs keep the fingerprint they always had
+        keep["train"]["precision"] = cfg.train.precision
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -199,31 +237,62 @@ def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = 
     curve and step are saved every that many steps to `checkpoint` (default
     `out_dir/checkpoint.pt`); a rerun with the same config resumes there and ends with the same
     losses as an uninterrupted run.
+
+    Under torchrun (WORLD_SIZE > 1) this is one rank of a data-parallel run (distributed.py):
+    rank 0's `out_dir` and checkpoint are the run's, and only rank 0 writes; `report` is called
+    on every rank with the same value (a callback that talks to a sweep storage does so from
+    one rank, e.g. through optuna-integration's TorchDistributedTrial).
     """
+    return run_and_keep(cfg, report, out_dir, corpus=corpus, checkpoint=checkpoint)[0]
+
+
+def run_and_keep(cfg: Config, report: Report | None = None, out_dir: str | Path | None = None,
+                 *, corpus: Corpus | None = None,
+                 checkpoint: str | Path | None = None) -> tuple[dict[str, Any], Setup]:
+    """`run`, also returning what it trained (model, optimizer with its state): for checks of
+    the final state (masked weights and moments exactly zero, equal across ranks)."""
     flush_denormals()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    validate(cfg)
+    d = distributed.init(resolve_device(cfg.train.device))
+    try:
+        return _run(cfg, report, out_dir, corpus, checkpoint, d)
+    finally:
+        distributed.close(d)
+
+
+def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
+         corpus: Corpus | None, checkpoint: str | Path | None,
+         d: Dist) -> tuple[dict[str, Any], Setup]:
     s = setup(cfg, corpus=corpus)
     t, o = cfg.train, cfg.optim
+    local_rows, micro = distributed.per_rank_batch(t.batch_size, t.micro_batch_size, d)
+    n_micro = local_rows // micro
     ceiling = t.loss_ceiling if t.loss_ceiling is not None else 1.5 * math.log(s.corpus.vocab_size)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
     val = s.corpus.val_batches(t.eval_batches, t.batch_size, t.seq_len, cfg.data.val_seed)
     model, opt, device = s.model, s.optimizer, s.device
+    distributed.check_same_masks(model, d)
+    ddp = distributed.wrap(model, device, d)
+    net = compile_model(ddp) if t.compile else ddp
+    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
 
     curve: list[dict[str, float | int]] = []
     window: list[float] = []  # train losses since the last evaluation
     diverged_at: int | None = None
     init_loss = -math.inf  # first step's loss: diverged only above 1.5x it and the ceiling
-    train_seconds, step, start = 0.0, 0, 0
+    train_seconds, step, start, skipped = 0.0, 0, 0, 0
+    first_step_seconds = 0.0
     ckpt = None
     if t.checkpoint_every > 0 and (checkpoint is not None or out_dir is not None):
         ckpt = Path(checkpoint) if checkpoint is not None else Path(out_dir) / "checkpoint.pt"
+    ckpt = distributed.broadcast_object(ckpt, d)  # rank 0's run folder is the run's
+    resume = distributed.broadcast_object(ckpt is not None and ckpt.exists(), d)
     fingerprint = config_fingerprint(cfg)
-    state = load_checkpoint(ckpt, device) if ckpt is not None and ckpt.exists() else None
+    state = load_checkpoint(ckpt, device) if resume and ckpt is not None else None
     if state is not None:
         if state.get("fingerprint") != fingerprint:
-            from spartune.config import ConfigError
-
             raise ConfigError("train.checkpoint_every", f"{ckpt} was written by a different "
                               "configuration; move it away or use another run folder")
         model.load_state_dict(state["model"])
@@ -233,10 +302,31 @@ def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = 
         start = step = state["step"]
         train_seconds = state["train_seconds"]
         init_loss = state.get("init_loss", -math.inf)
+        skipped = state.get("skipped_steps", 0)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d", ckpt, start)
-    bar = _progress(t.steps, t.progress)
+    bar = _progress(t.steps, t.progress and d.is_main)
     if bar is not None and start:
         bar.update(start)
+
+    def forward_backward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gradient of the mean loss over this rank's rows, micro-batch by micro-batch; DDP
+        all-reduces once, in the last micro-batch's backward. Returns the mean loss."""
+        total = torch.zeros((), device=device)
+        for i in range(n_micro):
+            xs = x[i * micro:(i + 1) * micro].to(device, non_blocking=True)
+            ys = y[i * micro:(i + 1) * micro].to(device, non_blocking=True)
+            last = i == n_micro - 1
+            sync = ddp.no_sync() if d.active and not last else contextlib.nullcontext()
+            with sync:
+                with autocast(device, t.precision):
+                    _, loss = net(xs, ys)
+                part = loss / n_micro if n_micro > 1 else loss
+                (scaler.scale(part) if scaler is not None else part).backward()
+            total += part.detach().float()
+        return distributed.all_mean(total, d)
+
     try:
         for step in range(start + 1, t.steps + 1):
             tic = time.perf_counter()
@@ -244,14 +334,32 @@ def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = 
             for g in opt.param_groups:
                 g["lr"] = o.lr * factor * g["lr_mult"]  # STYLE rule 5: groups multiply the base
             x, y = s.corpus.train_batch(t.batch_size, t.seq_len, data_gen)
-            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            x, y = distributed.shard(x, d), distributed.shard(y, d)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if t.compile and step == start + 1:
+                try:  # the first call compiles: a failure is the user's to switch off
+                    loss = forward_backward(x, y)
+                except (KeyboardInterrupt, ConfigError):
+                    raise
+                except Exception as e:
+                    raise compile_error(e) from None
+            else:
+                loss = forward_backward(x, y)
+            if scaler is not None and o.grad_clip > 0:
+                scaler.unscale_(opt)  # clip the true gradient, not the scaled one
             if o.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            opt.step()
+            if scaler is not None:
+                before = scaler.get_scale()
+                scaler.step(opt)  # skipped when the scaled gradient has an inf or a NaN
+                scaler.update()
+                skipped += scaler.get_scale() < before  # the scale drops exactly on a skip
+            else:
+                opt.step()
             value = loss.item()  # the one host sync per step: the logged loss
             train_seconds += time.perf_counter() - tic
+            if step == start + 1:
+                first_step_seconds = time.perf_counter() - tic  # compiles, when compile is on
             window.append(value)
             if step == 1:
                 init_loss = value
@@ -264,7 +372,7 @@ def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = 
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.3f}", refresh=False)
             if step % t.eval_every == 0 or step == t.steps:
-                val_loss = evaluate(model, val, device)
+                val_loss = evaluate(model, val, device, dist=d, precision=t.precision)
                 curve.append({"step": step, "train_loss": sum(window) / len(window),
                               "val_loss": val_loss, "lr": o.lr * factor})
                 window = []
@@ -273,12 +381,14 @@ def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = 
                     break
                 if report is not None:
                     report(step, val_loss)
-            if ckpt is not None and step % t.checkpoint_every == 0 and step < t.steps:
+            if (ckpt is not None and d.is_main and step % t.checkpoint_every == 0
+                    and step < t.steps):
                 save_checkpoint(ckpt, {
                     "fingerprint": fingerprint, "step": step, "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "data_gen": data_gen.get_state(),
                     "curve": curve, "window": window, "train_seconds": train_seconds,
-                    "init_loss": init_loss,
+                    "init_loss": init_loss, "skipped_steps": skipped,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                 })
     finally:
         if bar is not None:
@@ -296,9 +406,16 @@ def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = 
         "tokens": step * t.batch_size * t.seq_len,
         "tokens_per_second": step * t.batch_size * t.seq_len / max(train_seconds, 1e-9),
         "train_seconds": train_seconds,
+        "first_step_seconds": first_step_seconds,  # includes torch.compile's compile time
         "n_params": model.n_params(),
         "n_nonzero_params": model.n_nonzero_params(),
         "device": str(device),
+        "world_size": d.world_size,
+        "precision": t.precision,
+        "compile": t.compile,
+        "micro_batch_size": micro,
+        "grad_accum_steps": n_micro,
+        "skipped_steps": skipped,
         "data": s.corpus.name,
         "data_fingerprint": s.corpus.fingerprint,
         "param": cfg.param.name,
@@ -314,10 +431,10 @@ def run(cfg: Config, report: Report | None = None, out_dir: str | Path | None = 
         "loss_ceiling": ceiling,
         **hidden_layer_metrics(cfg, model, opt),
     }
-    if out_dir is not None:
+    if out_dir is not None and d.is_main:
         write_outputs(Path(out_dir), metrics, curve)
     metrics["curve"] = curve
-    return metrics
+    return metrics, s
 
 
 def hidden_layer_metrics(cfg: Config, model: GPT, opt: torch.optim.Optimizer) -> dict[str, Any]:
