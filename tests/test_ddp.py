@@ -69,6 +69,20 @@ def test_two_ranks_train_the_one_process_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_ranks_train_the_one_process_run_with_compressed_layers(tmp_path):
+    """The compressed layout (values + CSR indices) under DDP: its `values` are ordinary
+    parameters, so the all-reduce averages them like any weight; both ranks hold one mask."""
+    over = {**BASE, "model__density": 0.25, "model__sparse_impl": "compressed"}
+    one = train.run(tiny_config(**over))
+    torchrun("run", over, tmp_path)
+    r0, r1 = ranks(tmp_path)
+    assert_close(losses(r0["curve"]), losses(one["curve"]), 1e-5)
+    assert r0["mask_digest"] == r1["mask_digest"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {row["impl"] for row in metrics["hidden_layers"]} == {"compressed"}
+
+
+@pytest.mark.slow
 def test_ddp_all_reduce_and_the_mask_hook_compose(tmp_path):
     torchrun("grad", dict(model__density=0.25, train__batch_size=8), tmp_path)
     for r in ranks(tmp_path):

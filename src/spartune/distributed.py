@@ -113,10 +113,14 @@ def shard(x: Tensor, d: Dist) -> Tensor:
 
 
 def mask_digest(model: nn.Module) -> bytes:
-    """SHA-256 of every mask buffer, in module order: equal digests, equal sparse networks."""
+    """SHA-256 of every mask, in module order: equal digests, equal sparse networks.
+
+    Read from the state dict, where both layouts keep a hidden layer's mask under the same key
+    (`<layer>.weight_mask`: a masked layer's buffer, a compressed layer's CSR pattern made
+    dense), so the check does not depend on how the mask is stored."""
     h = hashlib.sha256()
-    for name, buf in model.named_buffers():
-        if name == "mask" or name.endswith(".mask"):
+    for name, buf in model.state_dict().items():
+        if name.endswith("_mask"):
             h.update(name.encode())
             h.update(buf.detach().to("cpu", torch.uint8).numpy().tobytes())
     return h.digest()
