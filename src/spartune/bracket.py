@@ -231,8 +231,8 @@ def _decide(known: dict[int, dict[float, float]], seeds: list[int], ax: Axis,
     """The next batch of (seed, point) after `known`, or ([], how the search ended)."""
     s0 = seeds[0]
     scout = known[s0]
-    if not scout:
-        pts = sorted({_clip(centre + d * ax.step, ax) for d in (-1, 0, 1)})
+    if not scout:  # the centre first: with continuation it is the denser group's optimum
+        pts = dict.fromkeys(_clip(centre + d * ax.step, ax) for d in (0, -1, 1))
         return [(s0, x) for x in pts], "searching"
     room = len(set().union(*map(set, known.values()))) < ax.max_points
     if len(seeds) > 1:
@@ -393,33 +393,18 @@ def run_worker(cfg: Config, storage: Any, worker: int = 0, progress: Any = None,
     cfg = prepare(cfg)
     ax, gs = axis(cfg), groups(cfg)
     studies = {c: sweep._load_cell_study(cfg, storage, c, worker) for g in gs for c in g.cells}
-    start, ran, idle = time.monotonic(), 0, 0.05
+    deadline = time.monotonic() + cfg.study.timeout if cfg.study.timeout else math.inf
+    ran, idle = 0, 0.05
     while True:
         with sweep._ask_lock(cfg):
             for study in studies.values():
                 sweep.recover(study, cfg)
         busy, open_groups = False, False
         for g in gs:
-            last: dict[str, Plan] = {}
-            for cell in g.cells:
-                while True:
-                    if cfg.study.timeout and time.monotonic() - start > cfg.study.timeout:
-                        return ran
-
-                    def may_ask(g: Group = g, cell: sweep.Cell = cell) -> bool:
-                        last["plan"] = sync(cfg, g, gs, studies, ax)
-                        return _waiting(studies[cell])
-
-                    got = sweep.run_next(studies[cell], cfg, cell, may_ask)
-                    if got is None:
-                        break
-                    busy = True
-                    if got:
-                        ran += 1
-                        if progress is not None:
-                            progress(studies[cell])
-            if "plan" not in last or not last["plan"].done:
-                open_groups = True
+            n, ended = _work_on(cfg, g, gs, studies, ax, progress, deadline)
+            ran, busy, open_groups = ran + n, busy or n > 0, open_groups or not ended
+            if time.monotonic() > deadline:
+                return ran
         if not open_groups:
             return ran
         if busy:
@@ -427,6 +412,30 @@ def run_worker(cfg: Config, storage: Any, worker: int = 0, progress: Any = None,
         else:
             time.sleep(idle)
             idle = min(poll, idle * 2)
+
+
+def _work_on(cfg: Config, g: Group, gs: list[Group], studies: dict[sweep.Cell, optuna.Study],
+             ax: Axis, progress: Any, deadline: float) -> tuple[int, bool]:
+    """Run the group's queued points this worker can take: (trials run, has the search
+    ended)."""
+    ran, ended = 0, False
+    for cell in g.cells:
+        study = studies[cell]
+
+        def may_ask(study: optuna.Study = study) -> bool:
+            nonlocal ended
+            ended = sync(cfg, g, gs, studies, ax).done
+            return _waiting(study)
+
+        while time.monotonic() <= deadline:
+            got = sweep.run_next(study, cfg, cell, may_ask)
+            if got is None:
+                break
+            if got:
+                ran += 1
+                if progress is not None:
+                    progress(study)
+    return ran, ended
 
 
 def status(cfg: Config, storage: Any) -> list[tuple[Group, Plan]]:
