@@ -272,3 +272,71 @@ def test_bad_bracket_input_is_one_line_from_the_command(workdir):
     assert lines == ["spartune: error: study.step: must be > 0 (octaves between points), got "
                      "0.0"], r.stderr
     assert not (workdir / "results" / "lr_stability" / "optuna.journal").exists()
+
+
+# -- optima with intervals ----------------------------------------------------------------------
+
+
+def _trials(n_seeds: int, truth: float = -5.3, densities=(1.0,), noise: float = 0.03):
+    import numpy as np
+    import pandas as pd
+
+    from spartune.columns import TRIAL_COLUMNS
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for d in densities:
+        for seed in range(n_seeds):
+            for x in range(-9, -1):
+                loss = 3 + 0.1 * (x - truth) ** 2 + noise * rng.standard_normal()
+                row = dict.fromkeys(TRIAL_COLUMNS)
+                row.update(state="COMPLETE", role="search", param="supar", width=64,
+                           density=d, seed=seed, log2_lr=float(x), final_val_loss=loss,
+                           diverged=False)
+                rows.append(row)
+    return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
+
+
+def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_seeds():
+    from spartune import analysis
+
+    widths = []
+    for n in (3, 12):
+        (r,) = analysis.optima(_trials(n)).to_dict("records")
+        assert r["fit_lo_log2_lr"] <= r["fit_log2_lr"] <= r["fit_hi_log2_lr"]
+        assert r["fit_lo_log2_lr"] < r["fit_hi_log2_lr"]
+        widths.append(r["fit_hi_log2_lr"] - r["fit_lo_log2_lr"])
+    assert widths[1] < 0.75 * widths[0]
+    (one,) = analysis.optima(_trials(1)).to_dict("records")
+    assert math.isnan(one["fit_lo_log2_lr"])  # one seed: no interval to give
+
+
+def test_scouted_points_are_left_out_and_the_spread_has_an_interval():
+    import pandas as pd
+
+    from spartune import analysis
+
+    t = _trials(4, densities=(1.0, 0.25))
+    scout = t.iloc[[0]].copy()  # a first-seed-only point with a lower loss than any other
+    scout["log2_lr"], scout["final_val_loss"] = -1.0, 0.5
+    (r, _) = analysis.optima(pd.concat([t, scout])).to_dict("records")
+    assert abs(r["opt_log2_lr"] - -5.0) < 1e-9 and r["n_points"] == 8
+    opt = analysis.optima(t)
+    (s,) = analysis.optimum_spread(opt, trials=t).to_dict("records")
+    assert s["spread_lo"] <= s["spread_octaves"] <= s["spread_hi"]
+    (plain,) = analysis.optimum_spread(opt).to_dict("records")
+    assert math.isnan(plain["spread_lo"]) and plain["spread_octaves"] == s["spread_octaves"]
+
+
+def test_stability_figure_draws_the_intervals():
+    from matplotlib.collections import LineCollection
+
+    from spartune import plot
+
+    def bars(fig):
+        return [c for ax in fig.axes for c in ax.collections
+                if isinstance(c, LineCollection) and len(c.get_segments()) == 1
+                and c.get_linewidth()[0] == 2.2]
+
+    assert len(bars(plot.lr_stability(_trials(4, densities=(1.0, 0.25))))) == 2
+    assert bars(plot.lr_stability(_trials(1))) == []
