@@ -8,12 +8,13 @@ the grid's runs.
 
 The task: SμPar, width 32 (base width 32), depth 2, densities 1, 1/4, 1/16, seeds 0 and 1,
 batch 16 x 64, the `pystdlib` corpus capped at 2 MB, 40-step runs of one thread (`--quick`:
-3 steps on synthetic data over -8..-4, for the smoke test: its figures mean nothing). The axis: log2(lr) from -12
-to -2 in one-octave steps (11 points, the span a user sets when the optimum's place is not
-known). Both sides are the real `spartune.sweep.sweep(cfg)` (one worker, journal storage in a
-tmp folder), the bracket with continuation from the default centre optim.lr = 0.01, and both
-optima are `analysis.optima`'s parabola vertex over the points every seed ran. A cell whose
-grid optimum sits at the axis' edge has no optimum to compare and fails the check.
+3 steps on synthetic data over -8..-4, for the smoke test: its figures mean nothing). The
+axis: log2(lr) from -12 to -2 in one-octave steps (11 points, the span a user sets when the
+optimum's place is not known). Both sides are the real `spartune.sweep.sweep(cfg)` (one
+worker, journal storage in a tmp folder), the bracket with continuation from the default
+centre optim.lr = 0.01, and both optima are `analysis.optima`'s parabola vertex over the
+points every seed ran. A cell whose grid optimum sits at the axis' edge has no optimum to
+compare and fails the check.
 
 The last line's ratio is bracket runs / grid runs (target <= 0.4); it passes only if every
 cell's optimum also agrees within 0.25 octave.

@@ -340,3 +340,21 @@ def test_stability_figure_draws_the_intervals():
 
     assert len(bars(plot.lr_stability(_trials(4, densities=(1.0, 0.25))))) == 2
     assert bars(plot.lr_stability(_trials(1))) == []
+
+
+@pytest.mark.slow
+def test_lr_stability_command_brackets_every_cell(workdir):
+    from conftest import cli
+
+    args = ["spartune-sweep", "-cn", "lr_stability", "data=synthetic", "train=smoke",
+            "model.width=32", "model.base_width=32", "model.head_size=16", "study.widths=[32]",
+            "study.params=[supar]", "study.densities=[1.0,0.5]", "study.workers=1",
+            "train.device=cpu", "train.threads=1", "study.name=brk"]
+    r = cli(*args, cwd=workdir, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cells = [ln for ln in r.stdout.splitlines() if ln.startswith("supar/w32/")]
+    assert len(cells) == 2, r.stdout
+    assert all(("optimum lr=" in ln or "bound" in ln) for ln in cells), r.stdout
+    assert "trials not finished" not in r.stderr
+    again = cli(*args, cwd=workdir, timeout=600)  # a rerun of a finished search runs nothing
+    assert again.returncode == 0 and "(0 run now" in again.stdout, again.stdout

@@ -198,6 +198,9 @@ def lr_stability(trials: pd.DataFrame, x: str = "lr", width: int | None = None) 
     sel, width = _at_width(trials, width)
     grid = loss_grid(sel, x, by=["param", "density"])
     grid = grid[~grid["diverged"].astype(bool)]
+    # points every seed ran, as the optima use (a bracketing search's scouting points ran on
+    # the first seed only, and a one-seed "mean" beside all-seed means would mislead)
+    grid = grid[grid["n"] == grid.groupby(["param", "density"])["n"].transform("max")]
     if grid.empty:
         raise ValueError(f"no finished, non-diverged trials with {col} at width {width}")
     opt = optima(sel, x, by=["param", "density"]).set_index(["param", "density"])
