@@ -7,7 +7,7 @@ first seed. Target: every cell's optimum within 0.25 octave of the grid's, using
 the grid's runs.
 
 The task: SμPar, width 32 (base width 32), depth 2, densities 1, 1/4, 1/16, seeds 0 and 1,
-batch 16 x 64, the `pystdlib` corpus capped at 2 MB, 40-step runs of one thread (`--quick`:
+batch 16 x 64, the `pystdlib` corpus capped at 2 MB, 100-step runs of one thread (`--quick`:
 3 steps on synthetic data over -8..-4, for the smoke test: its figures mean nothing). The
 axis: log2(lr) from -12 to -2 in one-octave steps (11 points, the span a user sets when the
 optimum's place is not known). Both sides are the real `spartune.sweep.sweep(cfg)` (one
@@ -77,12 +77,12 @@ def run(cfg: Config) -> tuple[float, object]:
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (40)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (100)")
     p.add_argument("--data", default=None, choices=["pystdlib", "synthetic"],
                    help="pystdlib (synthetic with --quick)")
     a = p.parse_args()
     quiet_logs()
-    steps = a.steps or (3 if a.quick else 40)
+    steps = a.steps or (3 if a.quick else 100)
     a.data = a.data or ("synthetic" if a.quick else "pystdlib")
     lo, hi = (-8, -4) if a.quick else (-12, -2)
     print_machine(f"{NAME}: bracket vs full grid over log2(lr) {lo}..{hi}, SμPar width 32, "

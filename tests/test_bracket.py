@@ -252,6 +252,7 @@ def test_kill_and_rerun_continues_the_search(tmp_path, monkeypatch):
     ({"centre": 1e-6}, "study.centre", "outside study.space.lr"),
     ({"continuation": True, "densities": [0.25]}, "study.continuation", "density axis"),
     ({"max_points": 2}, "study.max_points", ">= 3"),
+    ({"space": {"lr": SearchDim(values=[0.01, 0.02])}}, "study.space.lr.values", "a range"),
     ({"centre": 0.01, "centre_from": "proxy"}, "study.centre", "not both"),
 ])
 def test_bad_bracket_input(tmp_path, change, field, text):

@@ -106,6 +106,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("study.space", f"the bracket searches one HP per cell, the space has "
                           f"{names}: keep one (e.g. study.space={{lr:{{low:1e-4,high:0.1}}}}) "
                           "or use study.sampler=tpe")
+    name, dim = next(iter(s.space.items()))
+    if dim.values:
+        raise ConfigError(f"study.space.{name}.values", "the bracket walks a range, not a list: "
+                          "give low and high (and step), or use study.sampler=grid")
     if s.step is not None and not (math.isfinite(s.step) and s.step > 0):
         raise ConfigError("study.step", f"must be > 0 (octaves between points), got {s.step}")
     if s.max_points < 3:
