@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["trainer_throughput", "mask_overhead", "search_efficiency", "orchestration_overhead",
-           "parallel_scaling", "memory", "sparse_speed", "ddp_overhead"]
+           "parallel_scaling", "memory", "sparse_speed", "ddp_overhead", "bracket_efficiency"]
 
 
 @pytest.mark.slow

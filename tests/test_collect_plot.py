@@ -208,7 +208,8 @@ def test_optimum_between_grid_points_is_refined() -> None:
              _row(seed=2, log2_lr=-4.0, loss=np.nan, state="FAIL")]
     opt = analysis.optima(_table(rows))
     assert list(opt.columns) == ["param", "width", "density", "opt_log2_lr", "fit_log2_lr",
-                                 "opt_loss", "n_points", "n_seeds", "at_edge"]
+                                 "opt_loss", "n_points", "n_seeds", "at_edge",
+                                 "fit_lo_log2_lr", "fit_hi_log2_lr"]
     (r,) = opt.to_dict("records")
     assert r["opt_log2_lr"] == -5.0
     assert abs(r["fit_log2_lr"] - truth) < 0.05

@@ -17,7 +17,7 @@ from spartune import collect
 
 GRID = ["spartune-sweep", "-cn", "lr_stability", "data=synthetic", "train=smoke",
         "model.width=32", "model.head_size=16", "study.widths=[32]", "study.params=[supar]",
-        "study.densities=[1.0]", "study.name=crash", "study.workers=1",
+        "study.densities=[1.0]", "study.name=crash", "study.workers=1", "study.sampler=grid",
         "study.space.lr.low=0.001953125", "study.space.lr.high=0.015625",  # 2^-9 .. 2^-6
         "train.steps=200", "train.eval_every=10", "train.device=cpu", "train.threads=1"]
 

@@ -115,7 +115,8 @@ def test_two_processes_share_one_study_without_duplicates(tmp_path):
             "model.width=32", "model.head_size=16", "study.widths=[32]",
             "study.params=[supar]", "study.densities=[1.0]", "study.name=pair",
             "study.space.lr.low=0.000244140625", "study.space.lr.high=0.0625",
-            "train.steps=10", "train.device=cpu", "train.threads=1", "study.workers=1"]
+            "train.steps=10", "train.device=cpu", "train.threads=1", "study.workers=1",
+            "study.sampler=grid"]
     exe = Path(sys.executable).with_name(args[0])
     env = {**os.environ, "SPARTUNE_HOME": str(ROOT)}
     procs = [subprocess.Popen([str(exe), *args[1:]], cwd=tmp_path, env=env,

@@ -19,6 +19,7 @@ from spartune.columns import HP_FIELDS
 
 BY = ("param", "width", "density")
 _DECIMALS = 6  # log2 grid values from different seeds compare equal after this rounding
+N_BOOT = 1000  # bootstrap resamples of the seeds behind each optimum's interval
 
 
 def loss_grid(trials: pd.DataFrame, x: str = "lr", *,
@@ -72,41 +73,81 @@ def _aggregate(trials: pd.DataFrame, cols: list[str], by: list[str], *,
     return out[out_cols]
 
 
-def optima(trials: pd.DataFrame, x: str = "lr", *, by: Sequence[str] = BY) -> pd.DataFrame:
-    """The optimal log2(x) of each group (e.g. each param x width x density).
+def optima(trials: pd.DataFrame, x: str = "lr", *, by: Sequence[str] = BY,
+           n_boot: int = N_BOOT) -> pd.DataFrame:
+    """The optimal log2(x) of each group (e.g. each param x width x density), with its interval.
 
-    opt_log2_x is the grid argmin of the seed-mean loss; fit_log2_x refines it with the vertex
-    of the parabola through the argmin and its two grid neighbours, because a one-octave grid
-    alone cannot resolve shifts smaller than an octave. The fit falls back to the argmin when
-    the argmin has no surviving neighbour on a side (grid edge, a diverged neighbour, or fewer
-    than 3 points). opt_loss is the measured seed mean at the argmin. at_edge says the argmin
-    is the smallest or largest value tried (diverged ones included): the grid does not bracket
-    the optimum, which may lie further out.
+    Only points that every seed of the group ran are used (a point where any seed diverged
+    counts as diverged), so every estimate is a mean over the same seeds: the bracketing
+    search's first-seed scouting points are left out. opt_log2_x is the argmin of the seed-mean
+    loss; fit_log2_x refines it with the vertex of the parabola through the argmin and its two
+    neighbours, because a one-octave grid alone cannot resolve shifts smaller than an octave.
+    The fit falls back to the argmin when the argmin has no surviving neighbour on a side (edge,
+    a diverged neighbour, or fewer than 3 points). fit_lo/fit_hi_log2_x: the 95% bootstrap
+    interval of fit_log2_x over seeds (seeds resampled with replacement, the whole estimate
+    redone; widened to hold the estimate; NaN with one seed). opt_loss is the measured seed
+    mean at the argmin. at_edge says the argmin is the smallest or largest value used
+    (diverged ones included): the points do not bracket the optimum, which may lie further
+    out; such a cell reports a bound, not an optimum.
     """
-    col, by = f"log2_{x}", list(by)
     out_cols = [*by, f"opt_log2_{x}", f"fit_log2_{x}", "opt_loss", "n_points", "n_seeds",
-                "at_edge"]
-    grid = loss_grid(trials, x, by=by)
-    if grid.empty:
-        return pd.DataFrame(columns=out_cols)
-    done = trials[(trials["state"] == "COMPLETE") & trials[col].notna()]
+                "at_edge", f"fit_lo_log2_{x}", f"fit_hi_log2_{x}"]
     rows = []
-    for key, g in grid.groupby(by, dropna=False, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        ok = g[~g["diverged"]].sort_values(col)
-        xs, ys = ok[col].to_numpy(float), ok["mean"].to_numpy(float)
-        seeds = done.loc[_match(done, by, key) & ~done["diverged"].astype(bool), "seed"]
-        row = dict(zip(by, key, strict=True), n_points=len(xs), n_seeds=seeds.nunique())
-        if len(xs) == 0:
-            rows.append({**row, f"opt_log2_{x}": np.nan, f"fit_log2_{x}": np.nan,
-                         "opt_loss": np.nan, "at_edge": False})
-            continue
-        i = int(np.argmin(ys))
-        tried = g[col].to_numpy(float)
-        rows.append({**row, f"opt_log2_{x}": xs[i], f"fit_log2_{x}": _vertex(xs, ys, i, tried),
-                     "opt_loss": ys[i], "at_edge": xs[i] in (tried.min(), tried.max())})
+    for row, boot in _fits(trials, x, list(by), n_boot):
+        if len(boot):
+            lo, hi = np.percentile(boot, [2.5, 97.5])
+            fit = row[f"fit_log2_{x}"]
+            row[f"fit_lo_log2_{x}"], row[f"fit_hi_log2_{x}"] = min(lo, fit), max(hi, fit)
+        rows.append(row)
     return pd.DataFrame(rows, columns=out_cols)
 
+
+def _fits(trials: pd.DataFrame, x: str, by: list[str], n_boot: int,
+          ) -> list[tuple[dict, np.ndarray]]:
+    """Per group: the optima row, and the bootstrap replicates of its fit (empty: < 2 seeds).
+
+    Replicates resample seed positions with one fixed generator per group, so groups with the
+    same seeds are resampled alike (paired by seed, as their runs share data order and init).
+    """
+    col = f"log2_{x}"
+    done = trials[(trials["state"] == "COMPLETE") & trials[col].notna()].copy()
+    if done.empty:
+        return []
+    done[col] = done[col].astype(float).round(_DECIMALS)
+    loss = done["final_val_loss"].astype(float)
+    done["_bad"] = done["diverged"].astype(bool) | ~np.isfinite(loss)
+    done["_loss"] = loss.where(~done["_bad"])
+    out = []
+    for key, g in done.groupby(by, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        seeds = sorted(g["seed"].unique())
+        per_point = g.groupby(col)
+        bad = per_point["_bad"].any()
+        full = per_point["seed"].nunique() == len(seeds)
+        used = np.array(sorted(bad.index[bad | full]), dtype=float)
+        ok = np.array([p for p in used if not bad[p]], dtype=float)
+        good = g[~g["_bad"]]
+        row = dict(zip(by, key, strict=True), n_points=len(ok),
+                   n_seeds=good["seed"].nunique(), **{f"fit_lo_log2_{x}": np.nan,
+                                                      f"fit_hi_log2_{x}": np.nan})
+        if len(ok) == 0:
+            out.append(({**row, f"opt_log2_{x}": np.nan, f"fit_log2_{x}": np.nan,
+                         "opt_loss": np.nan, "at_edge": False}, np.array([])))
+            continue
+        m = (good[good[col].isin(ok)].pivot_table(index="seed", columns=col, values="_loss",
+                                                  aggfunc="first")
+             .reindex(index=seeds, columns=ok).to_numpy(float))  # seeds x points
+        ys = m.mean(axis=0)
+        i = int(np.argmin(ys))
+        row.update({f"opt_log2_{x}": ok[i], f"fit_log2_{x}": _vertex(ok, ys, i, used),
+                    "opt_loss": ys[i], "at_edge": ok[i] in (used.min(), used.max())})
+        boot = np.array([])
+        if len(seeds) > 1 and n_boot > 0:
+            rng = np.random.default_rng(0)
+            means = m[rng.integers(0, len(seeds), size=(n_boot, len(seeds)))].mean(axis=1)
+            boot = np.array([_vertex(ok, yb, int(np.argmin(yb)), used) for yb in means])
+        out.append((row, boot))
+    return out
 
 def _match(df: pd.DataFrame, by: list[str], key: tuple) -> pd.Series:
     mask = pd.Series(True, index=df.index)
@@ -119,36 +160,58 @@ def _vertex(xs: np.ndarray, ys: np.ndarray, i: int, tried: np.ndarray) -> float:
     """Vertex of the parabola through points i-1, i, i+1, clipped to the tried range."""
     if i == 0 or i == len(xs) - 1:
         return float(xs[i])
-    below, above = np.sort(tried[tried < xs[i]]), np.sort(tried[tried > xs[i]])
-    if xs[i - 1] != below[-1] or xs[i + 1] != above[0]:
+    below, above = tried[tried < xs[i]], tried[tried > xs[i]]
+    if xs[i - 1] != below.max() or xs[i + 1] != above.min():
         return float(xs[i])  # a neighbour on the grid diverged: no bracket to fit through
-    a, b, _ = np.polyfit(xs[i - 1:i + 2], ys[i - 1:i + 2], 2)
+    (x0, x1, x2), (y0, y1, y2) = xs[i - 1:i + 2], ys[i - 1:i + 2]
+    # the parabola's leading coefficient and vertex in closed form (the bootstrap calls this
+    # a thousand times per cell)
+    d01, d12 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
+    a = (d12 - d01) / (x2 - x0)
     if not a > 0:  # flat or concave (ties): the argmin is as good as it gets
         return float(xs[i])
-    return float(np.clip(-b / (2 * a), tried.min(), tried.max()))
+    vertex = (x0 + x1) / 2 - d01 / (2 * a)
+    return float(np.clip(vertex, tried.min(), tried.max()))
 
 
-def optimum_spread(opt: pd.DataFrame, x: str = "lr", *, across: str = "density") -> pd.DataFrame:
+def optimum_spread(opt: pd.DataFrame, x: str = "lr", *, across: str = "density",
+                   trials: pd.DataFrame | None = None, n_boot: int = N_BOOT) -> pd.DataFrame:
     """How many octaves the optimum moves across `across` (densities, by default).
 
     The paper's claim in one number per parameterization (and width): SP and µP optima drift
     as density falls, the SμPar one stays put (SUPAR.md §3.4). Uses the refined optimum
     fit_log2_x. Columns: the remaining keys of (param, width, density), spread_octaves,
-    min_/max_fit_log2_x, and the `across` value at each (`{across}_at_min`, `{across}_at_max`).
+    min_/max_fit_log2_x, the `across` value at each (`{across}_at_min`, `{across}_at_max`),
+    and, given the `trials` `opt` came from, spread_lo/spread_hi: the 95% bootstrap interval
+    of the spread (each cell's fit redone on seeds resampled alike in every cell; NaN with one
+    seed).
     """
     fit = f"fit_log2_{x}"
     keys = [c for c in BY if c in opt.columns and c != across]
     out_cols = [*keys, "spread_octaves", f"min_{fit}", f"max_{fit}", f"{across}_at_min",
-                f"{across}_at_max", "n_values"]
+                f"{across}_at_max", "n_values", "spread_lo", "spread_hi"]
+    boots: dict[tuple, list[np.ndarray]] = {}
+    if trials is not None:
+        for row, boot in _fits(trials, x, [*keys, across], n_boot):
+            if np.isfinite(row[fit]):
+                boots.setdefault(tuple(row[k] for k in keys), []).append(boot)
     ok = opt[opt[fit].notna()]
     rows = []
     for key, g in ok.groupby(keys, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         lo, hi = g.loc[g[fit].idxmin()], g.loc[g[fit].idxmax()]
+        spread = hi[fit] - lo[fit]
+        b = boots.get(key, [])
+        s_lo = s_hi = np.nan
+        if len(b) > 1 and all(len(r) == n_boot for r in b):
+            reps = np.vstack(b)
+            s_lo, s_hi = np.percentile(reps.max(axis=0) - reps.min(axis=0), [2.5, 97.5])
+            s_lo, s_hi = min(s_lo, spread), max(s_hi, spread)
         rows.append({**dict(zip(keys, key, strict=True)),
-                     "spread_octaves": hi[fit] - lo[fit], f"min_{fit}": lo[fit],
+                     "spread_octaves": spread, f"min_{fit}": lo[fit],
                      f"max_{fit}": hi[fit], f"{across}_at_min": lo[across],
-                     f"{across}_at_max": hi[across], "n_values": g[across].nunique()})
+                     f"{across}_at_max": hi[across], "n_values": g[across].nunique(),
+                     "spread_lo": s_lo, "spread_hi": s_hi})
     return pd.DataFrame(rows, columns=out_cols)
 
 

@@ -358,6 +358,8 @@ def _sweep(cfg: Config, run_dir: Path) -> None:
     print(f"study {cfg.study.name}: {res['finished']}/{res['total']} trials finished "
           f"({res['ran_here']} run now, {res['seconds']:.0f} s); best val loss "
           f"{res['best']:.4f}; storage {res['storage']}")
+    for line in res.get("notes", []):  # the bracketing search: each cell's optimum or bound
+        print(line)
     for line in report.optimum_lines(trials, "lr") if "lr" in cfg.study.space else []:
         print(line)
     for line in report.optimum_lines(trials, "init_std") if "init_std" in cfg.study.space \

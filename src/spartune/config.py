@@ -190,7 +190,7 @@ class StudyConfig:
     densities: list[float] = field(default_factory=lambda: [1.0])
     seeds: list[int] = field(default_factory=lambda: [0])
     space: dict[str, SearchDim] = field(default_factory=dict)
-    sampler: str = "tpe"  # tpe | grid | random | gp | cmaes
+    sampler: str = "tpe"  # tpe | grid | bracket | random | gp | cmaes
     sampler_seed: int = 0
     n_trials: int = 20  # per cell; the grid sampler runs its whole grid instead
     timeout: float | None = None  # seconds per worker process
@@ -212,6 +212,14 @@ class StudyConfig:
     # {"step": s, "val_loss": v} are reported and whose last JSON line is the final metrics.
     objective: dict[str, Any] = field(default_factory=dict)
     command: str | None = None
+    # The bracketing search (sampler: bracket, one HP in `space`; see bracket.py). Its first
+    # point is `centre` (natural units), else the best trial of the study `centre_from` (the
+    # proxy), else the config's own value of the HP; snapped onto the axis low + k * step.
+    centre: float | None = None
+    centre_from: str | None = None
+    continuation: bool = False  # each sparser cell starts at the next denser cell's optimum
+    max_points: int = 10  # points per (param, width, density) before the search gives up
+    step: float | None = None  # octaves (log axes) between points; None: space step, else 1
 
 
 @dataclass

@@ -189,7 +189,8 @@ def lr_stability(trials: pd.DataFrame, x: str = "lr", width: int | None = None) 
 
     The headline figure (paper Figs 1 and 6): under SP and µP the optimum (star; the triangle
     on the x axis is the parabola-refined optimum) drifts as density falls, under SμPar the
-    lines' optima stack at one x. Lines are seed means with standard-error bars; a value that
+    lines' optima stack at one x; a bar along the axis is the fitted optimum's bootstrap
+    interval over seeds. Lines are seed means with standard-error bars; a value that
     diverged in any seed is left out, as in the paper. Panels share y, capped a margin above the
     worst line's minimum so blown-up points do not flatten the basins.
     """
@@ -197,6 +198,9 @@ def lr_stability(trials: pd.DataFrame, x: str = "lr", width: int | None = None) 
     sel, width = _at_width(trials, width)
     grid = loss_grid(sel, x, by=["param", "density"])
     grid = grid[~grid["diverged"].astype(bool)]
+    # points every seed ran, as the optima use (a bracketing search's scouting points ran on
+    # the first seed only, and a one-seed "mean" beside all-seed means would mislead)
+    grid = grid[grid["n"] == grid.groupby(["param", "density"])["n"].transform("max")]
     if grid.empty:
         raise ValueError(f"no finished, non-diverged trials with {col} at width {width}")
     opt = optima(sel, x, by=["param", "density"]).set_index(["param", "density"])
@@ -205,7 +209,7 @@ def lr_stability(trials: pd.DataFrame, x: str = "lr", width: int | None = None) 
 
     fig = Figure(figsize=(2.6 * len(params) + 0.4, 3.3), layout="constrained")
     axes = fig.subplots(1, len(params), sharey=True, squeeze=False)[0]
-    minima, any_edge = [], False
+    minima, any_edge, any_interval = [], False, False
     for ax, param in zip(axes, params, strict=True):
         for d in densities:
             line = grid[(grid["param"] == param) & (grid["density"] == d)].sort_values(col)
@@ -225,6 +229,11 @@ def lr_stability(trials: pd.DataFrame, x: str = "lr", width: int | None = None) 
             ax.plot(o[f"fit_log2_{x}"], 0.0, marker="^", markersize=7, color=c,
                     markeredgecolor="black", markeredgewidth=0.5, clip_on=False, zorder=6,
                     transform=ax.get_xaxis_transform(), linestyle="none")
+            lo_i, hi_i = o[f"fit_lo_log2_{x}"], o[f"fit_hi_log2_{x}"]
+            if np.isfinite(lo_i) and np.isfinite(hi_i):  # its bootstrap interval over seeds
+                ax.hlines(0.012, lo_i, hi_i, colors=[c], linewidth=2.2, clip_on=False,
+                          zorder=5.5, transform=ax.get_xaxis_transform())
+                any_interval = True
         ax.set_title(param_title(param), fontsize=11)
         ax.set_xlabel(HP_LABELS.get(x, f"log2 {x}"), fontsize=9.5)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
@@ -243,7 +252,8 @@ def lr_stability(trials: pd.DataFrame, x: str = "lr", width: int | None = None) 
                        markeredgewidth=0.6, linestyle="none"),
                 Line2D([], [], color="0.6", marker="^", markersize=6, markeredgecolor="black",
                        markeredgewidth=0.5, linestyle="none")]
-    labels += ["best grid point", "fitted optimum"]
+    labels += ["best grid point",
+               "fitted optimum" + (" (bar: 95% interval over seeds)" if any_interval else "")]
     if any_edge:
         handles.append(Line2D([], [], color="0.6", marker="*", markersize=10,
                               markerfacecolor="white", markeredgecolor="black",

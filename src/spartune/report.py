@@ -45,20 +45,35 @@ def make_figures(trials: pd.DataFrame, curves: pd.DataFrame, out_dir: Path) -> l
 
 
 def optimum_lines(trials: pd.DataFrame, x: str = "lr", role: str = "search") -> list[str]:
-    """One line per parameterization: its optimum at each density and the spread in octaves."""
+    """One line per parameterization: its optimum at each density and the spread in octaves,
+    each with its 95% bootstrap interval over seeds when there are several (`*`: the minimum
+    is at the edge of the points run, a bound rather than an optimum)."""
     t = trials[trials["role"] == role]
     if t.empty:
         return []
     opt = analysis.optima(t, x)
+    spreads = analysis.optimum_spread(opt, x, trials=t).set_index(["param", "width"])
+    lo_c, hi_c = f"fit_lo_log2_{x}", f"fit_hi_log2_{x}"
     lines = []
     for (param, width), g in opt.groupby(["param", "width"], sort=False):
         g = g.sort_values("density", ascending=False)
-        cells = ", ".join(f"d={d:g}: {v:+.2f}{'*' if e else ''}" for d, v, e in
-                          zip(g["density"], g[f"fit_log2_{x}"], g["at_edge"], strict=True))
+        cells = ", ".join(f"d={r['density']:g}: {r[f'fit_log2_{x}']:+.2f}"
+                          f"{_interval(r[lo_c], r[hi_c])}{'*' if r['at_edge'] else ''}"
+                          for _, r in g.iterrows())
         spread = g[f"fit_log2_{x}"].max() - g[f"fit_log2_{x}"].min()
-        lines.append(f"{param:>6} w={width}: optimum log2 {x} {cells} | spread {spread:.2f} "
-                     "octaves")
+        ci = ""
+        if (param, width) in spreads.index:
+            sp = spreads.loc[(param, width)]
+            ci = _interval(sp["spread_lo"], sp["spread_hi"], "{:.2f}")
+        lines.append(f"{param:>6} w={width}: optimum log2 {x} {cells} | spread {spread:.2f}"
+                     f"{ci} octaves")
     return lines
+
+
+def _interval(lo: float, hi: float, fmt: str = "{:+.2f}") -> str:
+    if pd.isna(lo) or pd.isna(hi):
+        return ""
+    return f" [{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
 def _md_table(df: pd.DataFrame) -> str:

@@ -3,7 +3,8 @@
 A sweep (a YAML file in `sweeps/`) declares cells (param x width x density x seed), a search
 space over config fields (log2 scale by default), a sampler, a pruner and a storage. Each
 worker process walks the cells in order and, per cell, asks Optuna for trials until the cell's
-budget is spent: the grid's size for `grid`, `n_trials` otherwise. Budgets are counted in the
+budget is spent: the grid's size for `grid`, `n_trials` otherwise; `bracket` (bracket.py)
+walks each cell's axis towards its optimum instead. Budgets are counted in the
 storage, so re-running the command resumes (finished trials are kept, exhausted cells skipped)
 and a second process or machine running the same command joins the same studies.
 
@@ -50,7 +51,7 @@ from spartune.config import (
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("tpe", "grid", "random", "gp", "cmaes")
+SAMPLERS = ("tpe", "grid", "bracket", "random", "gp", "cmaes")
 PRUNERS = ("none", "median", "hyperband")
 JOURNAL = "optuna.journal"
 HEARTBEAT_INTERVAL, HEARTBEAT_GRACE = 60, 180  # seconds (RDB storages)
@@ -151,6 +152,10 @@ def validate_study(cfg: Config) -> None:
         if s.sampler == "grid":
             grid_values(name, dim)
     launch.check_devices(cfg, launch.visible_gpus())
+    if s.sampler == "bracket":
+        from spartune import bracket  # the search strategy built on this module's storage
+
+        bracket.validate(cfg)
     validate(cfg)
 
 
@@ -339,6 +344,8 @@ def make_sampler(cfg: Config, worker: int) -> optuna.samplers.BaseSampler:
                                               multivariate=True)
         case "random":
             return optuna.samplers.RandomSampler(seed=seed)
+        case "bracket":  # every trial is queued with its point (bracket.sync): never sampled
+            return optuna.samplers.RandomSampler(seed=seed)
         case "cmaes":
             return optuna.samplers.CmaEsSampler(seed=seed)
         case "gp":
@@ -369,9 +376,11 @@ def _param_name(name: str, dim: SearchDim) -> str:
 
 
 def budget(cfg: Config) -> int:
-    """Trials per cell: the grid's size, or n_trials."""
+    """Trials per cell: the grid's size, at most max_points for the bracket, or n_trials."""
     if cfg.study.sampler == "grid":
         return math.prod(len(grid_values(n, d)) for n, d in cfg.study.space.items())
+    if cfg.study.sampler == "bracket":
+        return cfg.study.max_points
     return cfg.study.n_trials
 
 
@@ -382,7 +391,7 @@ def _suggest(trial: optuna.Trial, cfg: Config) -> dict[str, float]:
     values = {}
     for name, dim in cfg.study.space.items():
         lo, hi = _bounds(name, dim)
-        step = dim.step if cfg.study.sampler != "grid" else None
+        step = dim.step if cfg.study.sampler not in ("grid", "bracket") else None
         if step is not None and (hi - lo) / step != int((hi - lo) / step):
             step = None  # Optuna needs (high - low) to be a multiple of step
         x = trial.suggest_float(_param_name(name, dim), lo, hi, step=step)
@@ -703,7 +712,11 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
     stops.quiet_storage_threads()
     launch.pin_worker(cfg, worker)  # its own GPU(s), when there are GPUs
     storage = open_storage(cfg)
-    total, grid, start = budget(cfg), cfg.study.sampler == "grid", time.monotonic()
+    if cfg.study.sampler == "bracket":
+        from spartune import bracket  # its own walk over the cells; trials run by run_next
+
+        return bracket.run_worker(cfg, storage, worker, progress)
+    total, start = budget(cfg), time.monotonic()
     ran = 0
     for cell in cells(cfg.study):
         study = _load_cell_study(cfg, storage, cell, worker)
@@ -712,34 +725,54 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
         while True:
             if cfg.study.timeout and time.monotonic() - start > cfg.study.timeout:
                 return ran
-            trial = None
-            try:
-                with _ask_lock(cfg):
-                    if not _may_ask(study, cfg, total):
-                        break
-                    with warnings.catch_warnings(), stops.deferred():
-                        # Optuna warns that heartbeats are meant for Study.optimize; ask/tell
-                        # keeps one alive below exactly as optimize does.
-                        warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                        trial = study.ask()
-                        trial.set_user_attr("worker", owner())  # before a stop orphans it
-                    if grid and _duplicate(study, trial):
-                        # only across machines (no shared lock): two workers took one point
-                        trial.set_user_attr("surplus", True)
-                        study.tell(trial, state=TrialState.FAIL)
-                        continue
-                from optuna.storages._heartbeat import get_heartbeat_thread
-
-                with get_heartbeat_thread(trial._trial_id, study._storage):
-                    run_trial(study, trial, cfg, cell)
-            except KeyboardInterrupt:
-                if trial is not None:
-                    _fail_if_running(study, trial)
-                raise
-            ran += 1
-            if progress is not None:
-                progress(study)
+            got = run_next(study, cfg, cell, lambda study=study: _may_ask(study, cfg, total))
+            if got is None:
+                break
+            if got:
+                ran += 1
+                if progress is not None:
+                    progress(study)
     return ran
+
+
+def run_next(study: optuna.Study, cfg: Config, cell: Cell, may_ask: Any) -> bool | None:
+    """Ask for one trial of `cell` and run it: None when `may_ask()` (called under the ask
+    lock) says the cell has no work now, False when the trial was a twin dropped before it
+    trained, True when it ran."""
+    trial = None
+    try:
+        with _ask_lock(cfg):
+            if not may_ask():
+                return None
+            with warnings.catch_warnings(), stops.deferred():
+                # Optuna warns that heartbeats are meant for Study.optimize; ask/tell
+                # keeps one alive below exactly as optimize does.
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = study.ask()
+                trial.set_user_attr("worker", owner())  # before a stop orphans it
+            if _unwanted(study, trial, cfg):
+                # only across machines (no shared lock): two workers took one point
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=TrialState.FAIL)
+                return False
+        from optuna.storages._heartbeat import get_heartbeat_thread
+
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            run_trial(study, trial, cfg, cell)
+    except KeyboardInterrupt:
+        if trial is not None:
+            _fail_if_running(study, trial)
+        raise
+    return True
+
+
+def _unwanted(study: optuna.Study, trial: optuna.Trial, cfg: Config) -> bool:
+    """A trial that must not train: a grid or bracket point an older trial holds, or (bracket)
+    a trial that another machine's worker left without a queued point to pop."""
+    if cfg.study.sampler == "bracket":
+        fixed = study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
+        return not fixed or _duplicate(study, trial)
+    return cfg.study.sampler == "grid" and _duplicate(study, trial)
 
 
 def _fail_if_running(study: optuna.Study, trial: optuna.Trial) -> None:
@@ -820,6 +853,10 @@ def count_done(cfg: Config, storage: Any) -> tuple[int, float]:
 def sweep(cfg: Config) -> dict[str, Any]:
     """Run the study with `study.workers` local processes (this one included)."""
     validate_study(cfg)
+    if cfg.study.sampler == "bracket":
+        from spartune import bracket
+
+        cfg = bracket.prepare(cfg)  # the proxy's winner read once, before workers start
     storage = open_storage(cfg)
     n_total = budget(cfg) * len(cells(cfg.study))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -863,9 +900,15 @@ def sweep(cfg: Config) -> dict[str, Any]:
             bar.close()
     failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
     done, best = count_done(cfg, storage)
-    return {"total": n_total, "finished": done, "ran_here": ran, "best": best,
-            "seconds": time.monotonic() - t0, "worker_failures": len(failed),
-            "storage": storage_url(cfg)}
+    out = {"total": n_total, "finished": done, "ran_here": ran, "best": best,
+           "seconds": time.monotonic() - t0, "worker_failures": len(failed),
+           "storage": storage_url(cfg), "notes": []}
+    if cfg.study.sampler == "bracket":
+        from spartune import bracket
+
+        out["notes"], missing = bracket.summary(cfg, storage)
+        out["total"] = done + missing  # a search's size is known once it has ended
+    return out
 
 
 def _bar(total: int, initial: int, cfg: Config) -> Any:
