@@ -109,8 +109,7 @@ def _journal_with_trials(tmp_path, n: int = 2):
     return cfg, tmp_path / "j" / sweep.JOURNAL
 
 
-@pytest.mark.parametrize("tail", [b'{"op_code":6,"worker_id":"x","trial_id"',
-                                  b'{"op_code":6,"worker_id\n'])
+@pytest.mark.parametrize("tail", [b'{"op_code":6,"worker_id":"x","trial_id"', b'{'])
 def test_a_torn_last_record_is_cut_and_the_study_goes_on(tmp_path, tail, capsys):
     cfg, path = _journal_with_trials(tmp_path)
     whole = path.read_bytes()
@@ -125,6 +124,18 @@ def test_a_torn_last_record_is_cut_and_the_study_goes_on(tmp_path, tail, capsys)
     again = optuna.load_study(study_name="j/c", storage=sweep.open_storage(cfg))
     assert [t.value for t in again.get_trials()] == [0.0, 1.0, 9.0]
     assert "torn" not in capsys.readouterr().err
+
+
+def test_a_garbled_journal_is_not_cut(tmp_path, capsys):
+    """Damage that is not a torn append (whole lines that are not records) is left as it is:
+    cutting it would destroy the study; the command says it cannot read the file instead."""
+    cfg, path = _journal_with_trials(tmp_path)
+    with open(path, "ab") as f:
+        f.write(b"not a record\n{\"op_code\": 5")
+    damaged = path.read_bytes()
+    with pytest.raises(ConfigError, match="cannot read"):
+        sweep.open_storage(cfg)
+    assert path.read_bytes() == damaged and "torn" not in capsys.readouterr().err
 
 
 def test_an_intact_journal_is_not_touched(tmp_path, capsys):

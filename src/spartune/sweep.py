@@ -267,9 +267,11 @@ def repair_journal(path: Path, lock: Any) -> int:
 
     Optuna skips a last line without its newline while reading, but the next append would
     glue a whole record onto it, and from then on the file fails to load. Cutting the torn
-    bytes keeps every complete record. Runs under the journal's own lock (`lock`, the one
-    Optuna's appends take), so a record another process is appending right now is never
-    mistaken for a torn one. Returns the number of bytes cut.
+    bytes (after the last newline, and only when the line before them is a whole record)
+    keeps every complete record; any other damage is left as it is for the one-line error.
+    Runs under the journal's own lock (`lock`, the one Optuna's appends take), so a record
+    another process is appending right now is never mistaken for a torn one. Returns the
+    number of bytes cut.
     """
     if not path.exists() or path.stat().st_size == 0:
         return 0
@@ -281,13 +283,15 @@ def repair_journal(path: Path, lock: Any) -> int:
             f.seek(start)
             tail = f.read()
             keep = tail.rfind(b"\n") + 1  # up to the last newline
-            if keep == len(tail):  # every line complete: a garbled last record is torn too
-                last = tail.rfind(b"\n", 0, len(tail) - 1) + 1
-                try:
-                    json.loads(tail[last:])
-                except ValueError:
-                    keep = last
             cut = len(tail) - keep
+            if cut and keep:
+                # Only a torn append, after a whole record: a file whose complete lines are
+                # not records is corrupt, not torn, and is left for the one-line error.
+                last = tail.rfind(b"\n", 0, keep - 1) + 1
+                try:
+                    json.loads(tail[last:keep])
+                except ValueError:
+                    cut = 0
             if cut:
                 f.truncate(start + keep)
                 f.flush()
