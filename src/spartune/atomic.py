@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
@@ -96,3 +97,15 @@ def _reason(e: BaseException) -> str:
 def no_space(e: BaseException) -> bool:
     """Is `e` a write that failed for want of space (disk, quota or file-size limit)?"""
     return isinstance(e, OSError) and e.errno in NO_SPACE
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock between local processes (flock on `path`, created if missing); the
+    kernel drops it when its holder dies, so a killed process never leaves it held."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import hashlib
 import json
 import logging
@@ -503,13 +502,8 @@ def _ask_lock(cfg: Config) -> Iterator[None]:
     if cfg.study.storage:
         yield
         return
-    path = study_dir(cfg) / ".ask.lock"
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with atomic.file_lock(study_dir(cfg) / ".ask.lock"):
+        yield
 
 
 def _load_cell_study(cfg: Config, storage: Any, cell: Cell, worker: int) -> optuna.Study:

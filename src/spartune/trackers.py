@@ -15,16 +15,15 @@ value only, not the run's HPs or its curve.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from spartune import atomic
 from spartune.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -137,7 +136,7 @@ def _mlflow(cfg: Config, run: _Run) -> None:
     if not uri:  # MLflow's local default (its file store is in maintenance mode since 3.x)
         db = study_dir(cfg).resolve() / "mlflow.db"
         db.parent.mkdir(parents=True, exist_ok=True)
-        uri, lock = f"sqlite:///{db}", _file_lock(db.with_suffix(".lock"))
+        uri, lock = f"sqlite:///{db}", atomic.file_lock(db.with_suffix(".lock"))
     with lock:  # local workers take turns: SQLite has one writer, and its schema is made once
         _mlflow_write(MlflowClient(tracking_uri=uri), mc.experiment or run.study, run,
                       Metric, Param, MlflowException)
@@ -162,16 +161,6 @@ def _mlflow_write(client: Any, name: str, run: _Run, Metric: Any, Param: Any,
     for i in range(0, max(len(metrics), 1), 900):  # MLflow takes at most 1000 per batch
         client.log_batch(rid, metrics=metrics[i:i + 900], params=params if i == 0 else [])
     client.set_terminated(rid, "FINISHED")
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _wandb(cfg: Config, run: _Run) -> None:
