@@ -61,7 +61,10 @@ def _retries(ts) -> int:
 
 def _kill_rerun(cwd: Path, workers: int, url: str | None = None, machines: int = 1) -> str:
     name = "kill"
-    args = sweep_args(name, workers=workers, storage=url)
+    # Machines start one by one (each imports torch): longer trials, so that several are
+    # still running when the fault comes, not all six finished by the first to start.
+    steps = 60 if machines == 1 else 160
+    args = sweep_args(name, workers=workers, storage=url, steps=steps)
     procs = [start("spartune-sweep", args, cwd) for _ in range(machines)]
     running = min(2, workers * machines)
     before = finished(wait_for(cwd, name, mid_grid(1, running), procs, url=url))
