@@ -61,9 +61,9 @@ def _retries(ts) -> int:
 
 def _kill_rerun(cwd: Path, workers: int, url: str | None = None, machines: int = 1) -> str:
     name = "kill"
-    # Machines start one by one (each imports torch): longer trials, so that several are
-    # still running when the fault comes, not all six finished by the first to start.
-    steps = 60 if machines == 1 else 160
+    # With 4 processes, or machines that start one by one (each imports torch), short trials
+    # finish the 6-point grid before the fault can land mid-grid: longer trials there.
+    steps = 60 if workers * machines <= 2 else 160
     args = sweep_args(name, workers=workers, storage=url, steps=steps)
     procs = [start("spartune-sweep", args, cwd) for _ in range(machines)]
     running = min(2, workers * machines)
