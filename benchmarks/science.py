@@ -393,7 +393,7 @@ def _bracket_job(x: str, out: Path, cache: Path, scale: Scale, hps: dict[str, fl
             f"study.densities=[{b.density!r}]", f"study.seeds={fmt_list(seeds)}",
             f"study.widths=[{scale.width}]", f"model.width={scale.width}",
             f"model.base_width={scale.proxy_width}", *run,
-            "study.workers=1", "train.threads=1",
+            "study.workers=1", "train.threads=1", "study.sampler=grid",  # its own bracketing
             f"study.space.{x}={{values:{fmt_list([2.0**o for o in octaves])}}}"]
 
     def then(job: Job, rc: int) -> list[Job]:

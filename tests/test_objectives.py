@@ -187,7 +187,7 @@ def _sweep_argv(kind: str) -> list[str]:
     common = ["spartune-sweep", "-cn", "lr_stability", "data=synthetic", "train=smoke",
               "model.width=32", "model.head_size=16", "study.widths=[32]",
               "study.params=[supar]", "study.densities=[1.0]", "study.name=crash",
-              "study.workers=1",
+              "study.workers=1", "study.sampler=grid",
               "study.space.lr.low=0.001953125", "study.space.lr.high=0.015625",
               "train.eval_every=10", "train.device=cpu"]
     if kind == "python":
