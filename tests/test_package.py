@@ -197,6 +197,10 @@ def test_wheel_alone_runs_the_quickstart_from_an_empty_folder(tmp_path: Path) ->
     assert list((user / "results" / "proxy" / "figures").glob("*.png")), r.stdout
     r = run("spartune-sweep", "-cn", "lr_stability", "--cfg", "job")  # the recipe's sweep
     assert "name: lr_stability" in r.stdout
+    # the quickstart's main job, its smoke size: proxy -> transfer -> targets -> report
+    run("spartune-pipeline", "pipeline=smoke")
+    reports = list((user / "results").rglob("report.md"))
+    assert reports, sorted(p.name for p in (user / "results").iterdir())
     run("spartune-init")
     assert (user / "sweeps" / "proxy.yaml").is_file()
     assert sorted(p.name for p in user.iterdir()) == ["results", "sweeps"]
