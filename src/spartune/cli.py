@@ -21,10 +21,7 @@ from spartune.config import Config, ConfigError, register_configs, to_config
 
 log = logging.getLogger("spartune")
 
-EXIT_USAGE = 2
-
-
-def fail(field: str, message: str, code: int = EXIT_USAGE) -> None:
+def fail(field: str, message: str, code: int = stops.EXIT_USAGE) -> None:
     print(f"spartune: error: {field}: {message}", file=sys.stderr)
     sys.exit(code)
 
@@ -335,7 +332,7 @@ def _coord(cfg: Config, run_dir: Path) -> None:
 
     ok = coord.main(cfg, run_dir)
     if not ok:
-        sys.exit(1)
+        sys.exit(stops.EXIT_VERDICT)
 
 
 def _overrides() -> list[str]:
