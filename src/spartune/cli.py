@@ -21,6 +21,7 @@ from spartune.config import Config, ConfigError, register_configs, to_config
 
 log = logging.getLogger("spartune")
 
+
 def fail(field: str, message: str, code: int = stops.EXIT_USAGE) -> None:
     print(f"spartune: error: {field}: {message}", file=sys.stderr)
     sys.exit(code)
