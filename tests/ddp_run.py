@@ -13,6 +13,7 @@ MODE
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -48,6 +49,7 @@ def grad_check(over: dict) -> dict:
     cfg = tiny_config(**over)
     s = train.setup(cfg)
     d = distributed.init(s.device)
+    net = None
     try:
         gen = torch.Generator().manual_seed(7)
         x, y = s.corpus.train_batch(cfg.train.batch_size, cfg.train.seq_len, gen)
@@ -74,6 +76,10 @@ def grad_check(over: dict) -> dict:
             out["mean_matches"] &= bool(torch.allclose(g, mean, rtol=1e-5, atol=1e-8))
         return out
     finally:
+        # DDP's reducer must go before its process group: torn down after it, one rank can
+        # hang for ever in the reducer's destructor (seen on CI)
+        net = None
+        gc.collect()
         dist.destroy_process_group()
 
 

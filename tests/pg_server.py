@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from procs import alive
+
 ROLE = "spartune"  # the database superuser made by initdb (not an OS user)
 OS_USERS = ("postgres", "spartune_pg")  # who runs the server when we are root
 START_TRIES = 3  # a free port can be taken between finding it and binding it
@@ -236,26 +238,13 @@ class PgServer:
                 except ProcessLookupError:  # not a group leader after all: the server alone
                     os.kill(pid, sig)
             for _ in range(50):
-                if not _alive(pid):
+                if not alive(pid):
                     return
                 time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is not a server: read its state where /proc exists
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
 
 
 def _is_postgres(pid: int) -> bool:
     try:
         return b"postgres" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return _alive(pid)  # no /proc: trust the pid file
+        return alive(pid)  # no /proc: trust the pid file

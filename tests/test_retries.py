@@ -132,11 +132,13 @@ def test_a_trial_stopped_before_its_first_suggestion_is_retried_at_its_grid_poin
 
 
 @pytest.mark.parametrize("storage", ["journal", "sqlite"])
-def test_a_trial_killed_before_its_worker_tag_is_recovered(tmp_path, storage):
-    """SIGKILL between `ask` and the `worker` tag leaves an untagged RUNNING trial. On the
-    journal, ask + tag and recovery share one lock, so it is an orphan at once; on a database
-    it is failed once older than the heartbeat's grace period (a young one may be a live
-    worker's, between its two writes)."""
+def test_a_trial_killed_before_its_worker_tag_is_recovered(tmp_path, storage, monkeypatch):
+    """SIGKILL (or the database going away) between `ask` and the `worker` tag leaves an
+    untagged RUNNING trial. On the journal, ask + tag and recovery share one lock, so it is an
+    orphan at once; on a database it is failed once older than `UNTAGGED_GRACE` (a young one
+    may be a live worker's, between its two writes), and a rerun that finds only such a trial
+    holding a point waits it out instead of ending with the grid incomplete."""
+    monkeypatch.setattr(sweep, "UNTAGGED_GRACE", 3)
     url = f"sqlite:///{tmp_path / 'db.sqlite'}" if storage == "sqlite" else None
     cfg = _cfg(tmp_path, url)
     study = sweep._load_cell_study(cfg, sweep.open_storage(cfg), sweep.cells(cfg.study)[0], 0)
@@ -149,3 +151,7 @@ def test_a_trial_killed_before_its_worker_tag_is_recovered(tmp_path, storage):
         _assert_exactly_once(study)
     else:
         assert queued == 0 and len(running) == 1
+        sweep.run_worker(cfg)  # the other points, then the orphan's once it is old enough
+        _assert_exactly_once(study)
+        failed = study.get_trials(states=(TrialState.FAIL,))
+        assert [t.number for t in failed] == [running[0].number]

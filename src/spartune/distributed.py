@@ -22,6 +22,7 @@ Nothing here imports Optuna (a multi-process trial talks to the storage from ran
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 from dataclasses import dataclass
@@ -84,7 +85,10 @@ def init(device: torch.device) -> Dist:
 
 
 def close(d: Dist) -> None:
+    """Tear down the group this run made. A DDP wrapper still held by a reference cycle is
+    collected first: a reducer destroyed after its process group can hang one rank for ever."""
     if d.owns_group and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

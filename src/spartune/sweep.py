@@ -54,6 +54,10 @@ SAMPLERS = ("tpe", "grid", "bracket", "random", "gp", "cmaes")
 PRUNERS = ("none", "median", "hyperband")
 JOURNAL = "optuna.journal"
 HEARTBEAT_INTERVAL, HEARTBEAT_GRACE = 60, 180  # seconds (RDB storages)
+# A live worker tags its trial within two storage round trips of `ask`; an untagged
+# RUNNING trial older than this was left by a worker that died (or lost the storage) in
+# between. A worker whose trial was failed while it was that slow drops it (`run_next`).
+UNTAGGED_GRACE = 45  # seconds (RDB storages)
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -590,16 +594,30 @@ def _orphaned(t: Any, cfg: Config) -> bool:
     A worker tags its trial with `worker` right after `ask`. A trial without the tag was
     created by a process killed in between: on a journal file both happen under `_ask_lock`,
     which `recover` holds too, so an untagged trial seen here is an orphan for certain; on a
-    database (no shared lock) it is one once it is older than the heartbeat's grace period,
-    the time after which Optuna would fail a silent trial of a live worker too.
+    database (no shared lock) it is one once it is older than `UNTAGGED_GRACE`.
     """
     worker = t.user_attrs.get("worker")
     if worker is not None:
         return not _owner_alive(worker)
     if not cfg.study.storage:
         return True
-    started = t.datetime_start or datetime.now()
-    return (datetime.now() - started).total_seconds() > HEARTBEAT_GRACE
+    return _age(t) > UNTAGGED_GRACE
+
+
+def _age(t: Any) -> float:
+    return (datetime.now() - (t.datetime_start or datetime.now())).total_seconds()
+
+
+def _unjudged(study: optuna.Study, cfg: Config) -> bool:
+    """Does a RUNNING trial of this cell hold its point without a sign of life either way?
+
+    Only on a database: an untagged trial younger than `UNTAGGED_GRACE` may be a live worker's
+    between `ask` and its tag, or a dead one's (its worker lost the storage there). A rerun
+    waits it out rather than end with that point undone."""
+    if not cfg.study.storage:
+        return False
+    return any("worker" not in t.user_attrs and _age(t) <= UNTAGGED_GRACE
+               for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def _live(trials: list[Any]) -> list[Any]:
@@ -725,7 +743,12 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
                 return ran
             got = run_next(study, cfg, cell, lambda study=study: _may_ask(study, cfg, total))
             if got is None:
-                break
+                if not _unjudged(study, cfg):
+                    break
+                time.sleep(1.0)  # until that trial is tagged, ends, or is failed as an orphan
+                with _ask_lock(cfg):
+                    recover(study, cfg)
+                continue
             if got:
                 ran += 1
                 if progress is not None:
@@ -747,7 +770,10 @@ def run_next(study: optuna.Study, cfg: Config, cell: Cell, may_ask: Any) -> bool
                 # keeps one alive below exactly as optimize does.
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
                 trial = study.ask()
-                trial.set_user_attr("worker", owner())  # before a stop orphans it
+                try:
+                    trial.set_user_attr("worker", owner())  # before a stop orphans it
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    return False  # untagged too long: another machine failed it as an orphan
             if _unwanted(study, trial, cfg):
                 # only across machines (no shared lock): two workers took one point
                 trial.set_user_attr("surplus", True)
