@@ -213,6 +213,11 @@ class Outcome:
 
 def invariants(cwd: Path, name: str, before: dict[int, tuple[float, dict]], *,
                url: str | None = None, plot: bool = True) -> Outcome:
+    """Check the storage and the study's outputs after a fault and its rerun.
+
+    `plot=True` regenerates trials.csv and the figures with `spartune-plot`; `plot=False`
+    checks the ones the last sweep wrote at its end (`rerun` removes the old ones first, so
+    they cannot be stale): one process start less per case."""
     ts = trials(cwd, name, url)
     counts = Counter("FAIL(surplus)" if t.user_attrs.get("surplus") else t.state.name
                      for t in ts)
@@ -231,14 +236,23 @@ def invariants(cwd: Path, name: str, before: dict[int, tuple[float, dict]], *,
         args = [f"study.name={name}"] + ([f"study.storage={url}"] if url else [])
         rc, out, err = run("spartune-plot", args, cwd)
         check(rc == 0, f"spartune-plot exited {rc}: {err[-400:]}")
-        table = cwd / "results" / name / "trials.csv"
-        import pandas as pd
+    table = cwd / "results" / name / "trials.csv"
+    check(table.exists(), f"{table} was not written")
+    import pandas as pd
 
-        rows = len(pd.read_csv(table))
-        check(rows == len(ts), f"trials.csv has {rows} rows for {len(ts)} trials")
-        figs = list((cwd / "results" / name / "figures").glob("*.png"))
-        check(bool(figs), "no figure regenerated")
+    rows = len(pd.read_csv(table))
+    check(rows == len(ts), f"trials.csv has {rows} rows for {len(ts)} trials")
+    figs = list((cwd / "results" / name / "figures").glob("*.png"))
+    check(bool(figs), "no figure regenerated")
     return Outcome(counts)
+
+
+def clear_outputs(cwd: Path, name: str) -> None:
+    """Remove the study's trials.csv and figures, so the next command must write them."""
+    folder = cwd / "results" / name
+    (folder / "trials.csv").unlink(missing_ok=True)
+    for fig in (folder / "figures").glob("*.png"):
+        fig.unlink()
 
 
 def no_traceback(*texts: str) -> None:
