@@ -54,6 +54,20 @@ def test_brackets_and_refines_to_the_true_minimum(minimum):
     assert len(xs) < 12  # fewer points than the full one-octave grid over the axis
 
 
+def test_without_refinement_the_search_stops_once_bracketed():
+    ax = bracket.Axis("lr", "log2_lr", LO, HI, 1.0, -9.0, 10, refine=False)
+    p, results = drive(bowl(-6.3), ax=ax)
+    assert (p.status, p.best) == ("optimum", -6.0)
+    assert sorted(results[0]) == [-10.0, -9.0, -8.0, -7.0, -6.0, -5.0]  # no half step
+    refined, _ = drive(bowl(-6.3))
+    assert refined.best == -6.5  # the default refines towards the lower neighbour
+
+
+def test_study_refine_reaches_the_axis(tmp_path):
+    assert bracket.axis(bracket_cfg(tmp_path)).refine
+    assert not bracket.axis(bracket_cfg(tmp_path, refine=False)).refine
+
+
 def test_minimum_beyond_a_bound_is_reported_as_the_bound():
     p, _ = drive(bowl(-14.0))
     assert (p.status, p.best) == ("at_low_bound", LO)
