@@ -343,6 +343,21 @@ def test_scouted_points_are_left_out_and_the_spread_has_an_interval():
     assert math.isnan(plain["spread_lo"]) and plain["spread_octaves"] == s["spread_octaves"]
 
 
+def test_seed_complete_leaves_out_one_seed_scouts_but_keeps_diverged_ones():
+    import pandas as pd
+
+    from spartune import analysis
+
+    t = _trials(3)
+    scout = t.iloc[[0, 0]].copy()  # seed 0 alone at -1 (finite) and at 0 (diverged)
+    scout["log2_lr"], scout["final_val_loss"] = [-1.0, 0.0], [0.5, float("nan")]
+    scout["diverged"] = [False, True]
+    kept = analysis.seed_complete(pd.concat([t, scout], ignore_index=True))
+    assert sorted(kept["log2_lr"].unique()) == [*map(float, range(-9, -1)), 0.0]
+    assert len(kept) == len(t) + 1
+    assert analysis.best_settings(kept)["log2_lr"].iloc[0] != -1.0  # the scout is not "best"
+
+
 def test_stability_figure_draws_the_intervals():
     from matplotlib.collections import LineCollection
 

@@ -33,6 +33,30 @@ def loss_grid(trials: pd.DataFrame, x: str = "lr", *,
     return _aggregate(trials, [f"log2_{x}"], list(by))
 
 
+def seed_complete(trials: pd.DataFrame, x: str = "lr", *,
+                  by: Sequence[str] = BY) -> pd.DataFrame:
+    """The COMPLETE trials at the log2(x) points that every seed of their group ran, or where
+    any seed diverged: the points `optima` uses.
+
+    The bracketing search scouts with its first seed, so a bracket study also holds points
+    only that seed ran; a best setting or a figure over those would compare a one-seed loss
+    with seed means. A diverged scout stays: the point counts as diverged whatever the other
+    seeds would have done.
+    """
+    col = f"log2_{x}"
+    done = trials[(trials["state"] == "COMPLETE") & trials[col].notna()]
+    if done.empty:
+        return done
+    keys = [done[c] for c in by]
+    point = done[col].astype(float).round(_DECIMALS)
+    loss = done["final_val_loss"].astype(float)
+    bad = (done["diverged"].astype(bool) | ~np.isfinite(loss))
+    n_group = done.groupby(keys, dropna=False)["seed"].transform("nunique")
+    n_point = done.groupby([*keys, point], dropna=False)["seed"].transform("nunique")
+    any_bad = bad.groupby([*keys, point], dropna=False).transform("any")
+    return done[(n_point >= n_group) | any_bad]
+
+
 def best_settings(trials: pd.DataFrame, *, by: Sequence[str] = BY) -> pd.DataFrame:
     """The HP setting with the lowest seed-mean loss in each group: each cell's own best.
 
