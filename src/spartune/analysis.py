@@ -239,6 +239,49 @@ def optimum_spread(opt: pd.DataFrame, x: str = "lr", *, across: str = "density",
     return pd.DataFrame(rows, columns=out_cols)
 
 
+def frontier(trials: pd.DataFrame, reference: str = "supar") -> pd.DataFrame:
+    """The numbers behind `plot.loss_vs_density`'s own-best lines (paper Fig. 8): per density,
+    `reference`'s loss at its best setting against each other param's at theirs.
+
+    Losses are paired by seed (runs of one seed share data order and masks), so the gap's
+    standard error is the paired one. within_noise_or_better: the reference's mean loss is at
+    most 2 paired standard errors above the other's. Pass seed-complete trials
+    (`seed_complete`) so every best setting is a mean over the same seeds. Columns: density,
+    other, reference_loss, other_loss, gap_pct (negative: the reference is lower), gap_sem_pct,
+    within_noise_or_better.
+    """
+    cols = ["density", "other", "reference_loss", "other_loss", "gap_pct", "gap_sem_pct",
+            "within_noise_or_better"]
+    best = best_settings(trials, by=["param", "width", "density"])
+    hps = [c for c in best.columns if c.startswith("log2_")]
+    ok = trials[(trials["state"] == "COMPLETE") & ~trials["diverged"].astype(bool)]
+    ok = ok.assign(**{c: ok[c].astype(float).round(_DECIMALS) for c in hps})
+
+    def losses(param: str, d: float) -> pd.Series:  # per seed, at the param's best setting
+        at = best[(best["param"] == param) & (best["density"] == d)].iloc[0]
+        sel = ok[(ok["param"] == param) & (ok["density"] == d)]
+        for c in hps:
+            sel = sel[sel[c].isna()] if pd.isna(at[c]) else sel[sel[c] == round(at[c], 6)]
+        return sel.groupby("seed")["final_val_loss"].mean()
+
+    rows = []
+    for d in sorted(best["density"].unique(), reverse=True):
+        params = set(best.loc[best["density"] == d, "param"])
+        if reference not in params:
+            continue
+        ref = losses(reference, d)
+        for other in sorted(params - {reference}):
+            o = losses(other, d)
+            diff = (ref - o).dropna()
+            sem = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+            rows.append({"density": d, "other": other, "reference_loss": float(ref.mean()),
+                         "other_loss": float(o.mean()),
+                         "gap_pct": 100.0 * float(diff.mean()) / float(o.mean()),
+                         "gap_sem_pct": 100.0 * sem / float(o.mean()),
+                         "within_noise_or_better": bool(diff.mean() <= 2 * sem)})
+    return pd.DataFrame(rows, columns=cols)
+
+
 def transfer_regret(trials: pd.DataFrame, x: str = "lr") -> pd.DataFrame:
     """What transferring the proxy's HP costs at each target, against that target's own best.
 
