@@ -4,19 +4,17 @@ The paper's protocol (SUPAR.md §3) as a sequence of spartune commands on the bu
 then one line per criterion with the measured figure and pass/fail:
 
   0. tune     `spartune-sweep -cn proxy`: TPE + median pruning over eta, sigma, alpha_in and
-              alpha_out on a dense width-64 proxy, one seeded worker (reproducible); its
-              winner is every run's HPs, as the paper's proxy's are (Tables 3, 4).
-  1. lr       `spartune-sweep -cn lr_stability` per (param, density), the bracketing search
-              (bracket.py): a one-octave log2(eta) grid extended until the seed-mean minimum is
-              bracketed, refined by half octaves towards the lower neighbour, the optimum the
-              parabola vertex (analysis.optima), each sparser cell starting at the denser
-              cell's optimum. Spread across densities: SμPar <= 0.5 octave; SP >= 2 octaves
+              alpha_out on a dense width-64 proxy, one seeded worker (reproducible); every run
+              below uses its winner, as the paper uses its proxy's HPs (Tables 3, 4).
+  1. lr       `spartune-sweep -cn lr_stability`, the bracketing search per (param, density)
+              (bracket.py: a one-octave log2(eta) grid extended until the seed-mean minimum is
+              bracketed, half-octave refinement towards the lower neighbour, each sparser cell
+              starting at the denser cell's optimum), the optimum the parabola vertex
+              (analysis.optima). Spread across densities: SμPar <= 0.5 octave; SP >= 2 octaves
               (the problem the tool exists to fix); µP reported (paper Figs 1, 6).
   2. init     `spartune-sweep -cn sigma_stability`: the same for sigma_base with 100-step runs
               of 8 sequences judged on the LR runs' 128 held-out sequences (Fig. 7, Table 4),
               without the half-octave refinement (study.refine=false).
-              In 1 and 2 the first seed scouts; the others run at its minimum and neighbours;
-              every estimate is a mean over all seeds (analysis.seed_complete).
   3. coord    `spartune-coord` at the paper's Fig. 5 settings (sigma 0.101, alpha_in 11.22,
               alpha_out 1, constant LR 1.62e-2, 10 steps): mean |activation| of attention and
               MLP outputs, widths 64..512 x densities 1..1/64, worst step: SμPar <= 1.25x.
@@ -26,14 +24,16 @@ then one line per criterion with the measured figure and pass/fail:
               SμPar within 1%; SP's standard practice (the dense HPs re-used) reported.
   5. frontier best-LR loss per density from 1's runs (analysis.frontier): SμPar best, or within
               2 paired standard errors over seeds, at every density (paper Fig. 8).
+  In 1 and 2 the first seed scouts and the others run at its minimum and neighbours; every
+  estimate is a mean over all seeds (analysis.seed_complete).
 
-The proxy sweep runs beside the coordinate check, then the stability sweeps and the transfer
-side by side, each with `--jobs` workers (study.workers) of one torch thread. At density 1
-SμPar *is* µP (SUPAR.md §1.3): µP's sweeps run the sparser densities and read SμPar's dense
-cell as theirs. Every study resumes by itself: a rerun runs what is missing, then judges.
+The proxy runs beside the coordinate check, then the stability sweeps and the transfer side by
+side, each with `--jobs` workers (study.workers) of one torch thread. At density 1 SμPar is µP
+(SUPAR.md §1.3): µP's sweeps run the sparser densities and read SμPar's dense cell as theirs.
+Every study resumes by itself: a rerun runs what is missing, then judges.
 
-    .venv/bin/python benchmarks/science.py                  # the full benchmark (41 min, 2 cores)
-    .venv/bin/python benchmarks/science.py --quick          # criteria 1 and 3, reduced
+    .venv/bin/python benchmarks/science.py          # the full benchmark (41 min, 2 cores)
+    .venv/bin/python benchmarks/science.py --quick  # criteria 1 and 3, reduced
 """
 
 from __future__ import annotations
@@ -189,9 +189,9 @@ def wait(procs: dict[str, subprocess.Popen]) -> list[tuple[str, int]]:
 def proxy_hps(out: Path) -> dict[str, float]:
     """The best proxy trial's HPs; {} if it has none."""
     t = read(out, ["proxy"])
-    ok = not t.empty and (t["state"] == "COMPLETE").any()
-    return {h: float(select_hps(t, select="best", hps=[h], source="proxy")[h]) for h in HPS} \
-        if ok else {}
+    if t.empty or not (t["state"] == "COMPLETE").any():
+        return {}
+    return {h: float(select_hps(t, select="best", hps=list(HPS), source="proxy")[h]) for h in HPS}
 
 
 def stability_line(label: str, x: str, ran: pd.DataFrame, s: Scale, fig: Path
@@ -220,17 +220,14 @@ def stability_line(label: str, x: str, ran: pd.DataFrame, s: Scale, fig: Path
 
 
 def coord_line(out: Path, setting: str) -> tuple[bool, pd.DataFrame]:
-    """The verdict, the axis (width, density) and step it comes from, and the diagnosis: the
-    same without the base width and the cells with < 16 weights per neuron."""
+    """The verdict at `setting`, and the diagnosis: the same without the base width and the
+    cells with < 16 weights per neuron (each module's axis and step: logs/coord.log)."""
     if not (out / "coord" / "coord_spreads.csv").is_file():
         print("coord: no coord_spreads.csv (the coordinate check did not run) fail")
         return False, pd.DataFrame()
     sp = pd.read_csv(out / "coord" / "coord_spreads.csv")
     worst = sp.groupby("param")["spread"].max()
     sup = float(worst.get("supar", math.nan))
-    print(f"  supar at {setting}: " + ", ".join(f"{r.module} {r.spread:.2f}x (width axis "
-          f"{r.width_spread:.2f}x, density axis {r.density_spread:.2f}x, step {r.worst_step})"
-                                               for r in sp[sp["param"] == "supar"].itertuples()))
     df = pd.read_csv(out / "coord" / "coord.csv").query("param == 'supar'")
     base, wmax = df["width"].min(), df["width"].max()
     keep = df[(df["width"] > base) & (df["width"] * df["density"] >= 16)]
@@ -239,8 +236,8 @@ def coord_line(out: Path, setting: str) -> tuple[bool, pd.DataFrame]:
               f"than 16 weights per neuron in qkv/mlp_up (width {wmax} at density < "
               f"{16 / wmax:g}): " + ", ".join(f"{r.module} {r.spread:.2f}x"
                                               for r in spreads(keep).itertuples()))
-    print(f"coord: worst activation spread across widths and densities: supar {sup:.2f}x (<= "
-          f"{COORD_MAX}) {'pass' if sup <= COORD_MAX else 'fail'}; "
+    print(f"coord: worst activation spread across widths and densities at {setting}: supar "
+          f"{sup:.2f}x (<= {COORD_MAX}) {'pass' if sup <= COORD_MAX else 'fail'}; "
           + "; ".join(f"{p} {v:.2f}x" for p, v in worst.items() if p != "supar"))
     return sup <= COORD_MAX, sp
 

@@ -185,8 +185,8 @@ def test_coord_transfer_and_frontier_lines(tmp_path, capsys):
                                                   final_val_loss=lambda d: d.final_val_loss + .1)]))
     ok_f = science.frontier_line(fr)
     text = capsys.readouterr().out
-    assert "coord: worst activation spread across widths and densities: supar 1.20x (<= 1.25) " \
-           "pass; sp 30.00x" in text
+    assert "coord: worst activation spread across widths and densities at the --quick HPs: " \
+           "supar 1.20x (<= 1.25) pass; sp 30.00x" in text
     assert ok_t and re.search(r"transfer: .* supar d=0.25 0.00% \(\+0.0 oct\) \(<= 1.0%\) pass; "
                               r"sp d=0.25 >=4.35% \(-1.0 oct\)$", text, re.M), text
     assert ok_f and "frontier: supar best or within noise at 1/1 densities pass" in text
