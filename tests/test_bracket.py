@@ -101,22 +101,6 @@ def test_first_seed_scouts_the_others_run_at_the_minimum_and_neighbours():
     assert p.means[p.best] == pytest.approx(sum(results[s][p.best] for s in (0, 1, 2)) / 3)
 
 
-def test_the_scout_refines_so_the_other_seeds_run_once_at_three_points():
-    p, results = drive(bowl(-6.3), seeds=(0, 1))
-    assert (p.status, p.best) == ("optimum", -6.5)
-    assert sorted(results[1]) == [-7.0, -6.5, -6.0]  # the refined minimum and its neighbours
-    assert -6.5 in results[0] and set(results[1]) <= set(results[0])
-    assert sum(map(len, results.values())) == 10  # 7 scouted + 3, no half-step run per seed
-
-
-def test_the_means_overrule_a_scout_misled_by_its_seed():
-    def f(x: float, seed: int) -> float:  # seed 0 alone puts the minimum at -7, the mean at -5
-        return 2.0 + 0.1 * (x - (-7.0 if seed == 0 else -3.0)) ** 2
-    p, results = drive(f, seeds=(0, 1))
-    assert p.status == "optimum" and abs(p.best - -5.0) <= 0.5
-    assert set(p.means) == set(results[0]) & set(results[1])
-
-
 def test_plan_is_a_function_of_the_results_only():
     """Extra or reordered results outside the search's own batches change nothing."""
     p1, results = drive(bowl(-6.3), seeds=(0, 1))

@@ -16,13 +16,10 @@ most of its runs far from any optimum; this search spends them around it. Per *g
    `at_low_bound` / `at_high_bound`, never as an optimum.
 
 Seeds. The sweep's cells carry a seed, so a group is the seed cells of one (param, width,
-density), one Optuna study each. Steps 1-3 are scouted with the first seed alone; the other
-seeds then run at the scouted (refined) minimum and its neighbours, and from then on every
-decision uses the points that every seed ran (a point where any seed diverged counts as
-diverged): every estimate is a mean over the seeds that ran at every point used, and steps 2-3
-run again on those means where they disagree with the scout's. Refining while scouting costs
-one run per half-step point instead of one per seed: the other seeds run once, at the three
-points the estimate needs.
+density), one Optuna study each. Steps 1-2 are scouted with the first seed alone; the other
+seeds then run at the scouted minimum and its neighbours, and from then on every decision uses
+the points that every seed ran (a point where any seed diverged counts as diverged): every
+estimate is a mean over the seeds that ran at every point used.
 
 Exactness, as the grid's. Nothing is remembered outside the storage. The decision is a pure
 function of the COMPLETE trials (`plan`): it replays the search from its first batch, each
@@ -245,9 +242,7 @@ def _decide(known: dict[int, dict[float, float]], seeds: list[int], ax: Axis,
         return [(s0, x) for x in pts], "searching"
     room = len(set().union(*map(set, known.values()))) < ax.max_points
     if len(seeds) > 1:
-        # the scout refines too: the other seeds then run once, at the refined minimum and
-        # its neighbours, instead of at a one-step bracket plus the half-step points after it
-        new, _ = _step(scout, ax, refine=ax.refine)
+        new, _ = _step(scout, ax, refine=False)
         if new is not None and room:
             return [(s0, new)], "searching"
         near = _neighbourhood(scout)
