@@ -54,6 +54,20 @@ def test_brackets_and_refines_to_the_true_minimum(minimum):
     assert len(xs) < 12  # fewer points than the full one-octave grid over the axis
 
 
+def test_without_refinement_the_search_stops_once_bracketed():
+    ax = bracket.Axis("lr", "log2_lr", LO, HI, 1.0, -9.0, 10, refine=False)
+    p, results = drive(bowl(-6.3), ax=ax)
+    assert (p.status, p.best) == ("optimum", -6.0)
+    assert sorted(results[0]) == [-10.0, -9.0, -8.0, -7.0, -6.0, -5.0]  # no half step
+    refined, _ = drive(bowl(-6.3))
+    assert refined.best == -6.5  # the default refines towards the lower neighbour
+
+
+def test_study_refine_reaches_the_axis(tmp_path):
+    assert bracket.axis(bracket_cfg(tmp_path)).refine
+    assert not bracket.axis(bracket_cfg(tmp_path, refine=False)).refine
+
+
 def test_minimum_beyond_a_bound_is_reported_as_the_bound():
     p, _ = drive(bowl(-14.0))
     assert (p.status, p.best) == ("at_low_bound", LO)
@@ -327,6 +341,21 @@ def test_scouted_points_are_left_out_and_the_spread_has_an_interval():
     assert s["spread_lo"] <= s["spread_octaves"] <= s["spread_hi"]
     (plain,) = analysis.optimum_spread(opt).to_dict("records")
     assert math.isnan(plain["spread_lo"]) and plain["spread_octaves"] == s["spread_octaves"]
+
+
+def test_seed_complete_leaves_out_one_seed_scouts_but_keeps_diverged_ones():
+    import pandas as pd
+
+    from spartune import analysis
+
+    t = _trials(3)
+    scout = t.iloc[[0, 0]].copy()  # seed 0 alone at -1 (finite) and at 0 (diverged)
+    scout["log2_lr"], scout["final_val_loss"] = [-1.0, 0.0], [0.5, float("nan")]
+    scout["diverged"] = [False, True]
+    kept = analysis.seed_complete(pd.concat([t, scout], ignore_index=True))
+    assert sorted(kept["log2_lr"].unique()) == [*map(float, range(-9, -1)), 0.0]
+    assert len(kept) == len(t) + 1
+    assert analysis.best_settings(kept)["log2_lr"].iloc[0] != -1.0  # the scout is not "best"
 
 
 def test_stability_figure_draws_the_intervals():

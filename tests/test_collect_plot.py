@@ -252,6 +252,32 @@ def test_optimum_spread_across_densities() -> None:
     assert spread.loc["sp", "min_fit_log2_lr"] == -9.0 and spread.loc["sp", "n_values"] == 3
 
 
+def _seeds(points: dict[float, list[float]], param: str, density: float = 1.0) -> pd.DataFrame:
+    """A seed-complete trials table: {log2 lr: [final loss per seed]}."""
+    return pd.DataFrame([{"state": "COMPLETE", "param": param, "width": 128, "density": density,
+                          "seed": seed, "log2_lr": x, "final_val_loss": loss, "diverged": False}
+                         for x, losses in points.items() for seed, loss in enumerate(losses)])
+
+
+def test_frontier_pairs_seeds_and_calls_a_small_gap_noise() -> None:
+    t = pd.concat([
+        _seeds({-7: [2.50, 2.60, 2.70], -6: [2.55, 2.65, 2.75]}, "supar"),
+        _seeds({-7: [2.49, 2.61, 2.68], -6: [2.60, 2.70, 2.80]}, "sp"),
+        _seeds({-7: [2.60, 2.70, 2.80]}, "mup"),
+        _seeds({-7: [2.60, 2.70, 2.80]}, "sp", density=0.25),  # no supar there: left out
+    ])
+    fr = analysis.frontier(t).set_index("other")
+    assert list(fr["density"]) == [1.0, 1.0]
+    assert fr.loc["sp", "within_noise_or_better"]  # mean gap +0.0067, paired sem 0.0088
+    assert fr.loc["sp", "reference_loss"] == pytest.approx(2.6)
+    assert fr.loc["mup", "gap_pct"] == pytest.approx(-100 * 0.1 / 2.7)
+    assert fr.loc["mup", "within_noise_or_better"]
+    worse = pd.concat([_seeds({-7: [2.60, 2.70, 2.80]}, "supar"),
+                       _seeds({-7: [2.50, 2.61, 2.70]}, "sp")])
+    assert not analysis.frontier(worse).iloc[0]["within_noise_or_better"]
+    assert analysis.frontier(t[t["param"] == "sp"]).empty
+
+
 def test_transfer_regret_against_the_local_grid() -> None:
     rows = [_row(param="mup", density=0.25, seed=0, log2_lr=-6.0, loss=3.2, role="target"),
             _row(param="mup", density=0.25, seed=1, log2_lr=-6.0, loss=3.4, role="target"),

@@ -1,10 +1,14 @@
-"""benchmarks/science.py: its bracketing and frontier logic, and a reduced run of criteria 1 and 3.
+"""benchmarks/science.py: the product commands it runs, its criteria lines on fabricated
+results, and a reduced run of criteria 1 and 3.
 
-The reduced run (`--quick`: width 64, 100 steps, 1 seed, densities 1 and 1/16, a 2-width
-coordinate check) is too small for the issue's thresholds, which the full benchmark checks.
-It asserts what holds by a wide margin even at this size, so that a broken rule fails it: the
-SP optimum moves by octaves while the SμPar one moves far less, and SP activations shrink with
-density by an order of magnitude while SμPar's stay put.
+The script has no search or job logic of its own (the bracketing, scouting and continuation
+are `study.sampler=bracket`'s, tests/test_bracket.py), so these tests check what it asks the
+product for and how it judges what the product wrote. The reduced run (`--quick`: width 64,
+100 steps, 1 seed, densities 1 and 1/16, a 2-width coordinate check) is too small for the
+issue's thresholds, which the full benchmark checks. It asserts what holds by a wide margin
+even at this size, so that a broken rule fails it: the SP optimum moves by octaves while the
+SμPar one moves far less, and SP activations shrink with density by an order of magnitude
+while SμPar's stay put.
 """
 
 from __future__ import annotations
@@ -18,145 +22,91 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import science  # noqa: E402
 
+from spartune import sweep, transfer  # noqa: E402
+from spartune.config import register_configs, to_config  # noqa: E402
 
-def _trials(points: dict[float, list[float | None]], param: str = "supar",
-            density: float = 1.0, x: str = "lr") -> pd.DataFrame:
-    """A trials table: {log2 x: [loss per seed, None = diverged]}."""
-    rows = []
-    for log2x, losses in points.items():
-        for seed, loss in enumerate(losses):
-            rows.append({"state": "COMPLETE", "param": param, "width": 128, "density": density,
-                         "seed": seed, f"log2_{x}": log2x, "log2_lr": log2x,
-                         "final_val_loss": np.nan if loss is None else loss,
-                         "diverged": loss is None})
-    return pd.DataFrame(rows)
+BASE = ["results_dir=/tmp/x", "train.progress=false", "train.threads=1"]
 
 
-def test_bracket_extends_towards_the_minimum_until_both_sides_are_tried():
-    b = science.Bracket("lr", "sp", 0.25, refine=False)
-    assert b.next_points(_trials({-8: [2.6, 2.6], -7: [2.5, 2.5], -6: [2.4, 2.4]})) == [-5]
-    assert b.next_points(_trials({-8: [2.4, 2.4], -7: [2.5, 2.5], -6: [2.6, 2.6]})) == [-9]
-    assert b.next_points(_trials({-8: [2.6, 2.6], -7: [2.4, 2.4], -6: [2.5, 2.5]})) == []
+def overrides(argv: list[str]) -> dict[str, str]:
+    return dict(a.split("=", 1) for a in argv if "=" in a)
 
 
-def test_bracket_refines_half_an_octave_towards_the_lower_neighbour_once():
-    b = science.Bracket("lr", "supar", 1.0)
-    # bracketed at -6; -5 is lower than -7, so the vertex lies above -6
-    grid = {-7: [2.31, 2.31], -6: [2.24, 2.24], -5: [2.27, 2.27]}
-    assert b.next_points(_trials(grid)) == [-5.5]
-    assert b.next_points(_trials({**grid, -5.5: [2.25, 2.25]})) == []  # -6 stays best
-    assert b.next_points(_trials({**grid, -5.5: [2.20, 2.20]})) == []  # neighbours 0.5 away
-    # the refinement showed the other side is lower: refine there too, then stop
-    assert b.next_points(_trials({**grid, -5.5: [2.32, 2.32]})) == [-6.5]
-    assert b.next_points(_trials({**grid, -5.5: [2.32, 2.32], -6.5: [2.25, 2.25]})) == []
-    # a diverged neighbour counts as worse: refine away from it
-    assert b.next_points(_trials({-7: [2.31], -6: [2.24], -5: [None]})) == [-6.5]
+def composed(argv: list[str]):
+    """The Config a console-script command line composes to (sweeps/ over conf/)."""
+    cn = argv[argv.index("-cn") + 1]
+    register_configs()
+    with initialize_config_dir(str(ROOT / "sweeps"), version_base="1.3"):
+        cfg = compose(cn, overrides=[a for a in argv[3:] if "=" in a]
+                      + [f"hydra.searchpath=[file://{ROOT / 'conf'}]"])
+    return to_config(OmegaConf.to_object(cfg))
 
 
-def test_bracket_counts_a_diverged_point_as_worse_and_respects_bounds():
-    b = science.Bracket("lr", "sp", 0.25, refine=False)
-    # -5 diverged in one seed: it brackets the minimum at -6
-    assert b.next_points(_trials({-7: [2.6, 2.6], -6: [2.4, 2.4], -5: [2.3, None]})) == []
-    # everything diverged: step down
-    assert b.next_points(_trials({-3: [None], -2: [None]})) == [-4]
-    # never beyond the bounds
-    assert science.Bracket("lr", "sp", 1.0, hi=-2).next_points(
-        _trials({-4: [2.6], -3: [2.5], -2: [2.4]})) == []
+# -- the commands -------------------------------------------------------------------------------
 
 
-def test_scouting_finds_the_minimum_on_one_seed_then_every_seed_runs_around_it():
-    b = science.Bracket("lr", "sp", 0.25)  # seeds 0, 1, 2
-    assert b.first_round(-6) == ([-7, -6, -5], (0,))
-    scout = {-7: [2.5], -6: [2.4], -5: [2.3]}
-    assert b.next_round(_trials(scout)) == ([-4], (0,))  # still falling: scout on
-    scout[-4] = [2.35]
-    assert b.next_round(_trials(scout)) == ([-6, -5, -4], (1, 2))  # confirm around -5
-    full = {**scout, -6: [2.4, 2.41, 2.42], -5: [2.3, 2.31, 2.32], -4: [2.35, 2.36, 2.37]}
-    assert b.next_round(_trials(full)) == ([-4.5], (0, 1, 2))  # refine towards -4
-    full[-4.5] = [2.32, 2.33, 2.34]
-    assert b.next_round(_trials(full)) == ([], ())
-    # every seed says the minimum is at the edge: extend there, only the missing seeds run
-    assert b.next_round(_trials({-7: [2.5], -6: [2.4, 2.41, 2.42], -5: [2.3, 2.31, 2.32],
-                                 -4: [2.35, 2.2, 2.2], -3: [2.4]})) == ([-3], (1, 2))  # -3 scouted
-    # a scouted divergence brackets without running the other seeds there
-    assert b.next_round(_trials({-6: [2.4], -5: [2.3], -4: [None]})) == ([-6, -5], (1, 2))
+def test_quick_runs_the_coordinate_check_and_one_bracketing_lr_sweep():
+    first = science.commands(science.QUICK, BASE, 2, science.QUICK_HPS, first=True)
+    assert list(first) == ["coord", "proxy"]  # main runs the proxy only without --quick
+    assert Path(first["coord"][0]).name == "spartune-coord"
+    rest = science.commands(science.QUICK, BASE, 2, science.QUICK_HPS, first=False)
+    assert list(rest) == ["lr"]
+    o = overrides(rest["lr"])
+    assert rest["lr"][1:3] == ["-cn", "lr_stability"]
+    assert (o["study.sampler"], o["study.continuation"], o["study.refine"]) == \
+        ("bracket", "true", "true")
+    assert (o["study.params"], o["study.densities"], o["study.seeds"]) == \
+        ("[sp,supar]", "[1.0,0.0625]", "[0]")
+    assert o["study.workers"] == "2" and o["optim.lr"] == repr(2.0**-7)
+    assert not any(k.startswith("study.space.lr.values") for k in o)  # no grid of its own
 
 
-def test_estimates_leave_out_points_not_every_seed_ran():
-    t = _trials({-7: [2.5], -6: [2.4, 2.41, 2.42], -5: [None], -4: [2.2, 2.3]})
-    kept = science.complete(t, "lr", 3)
-    assert sorted(set(kept["log2_lr"])) == [-6, -5]  # -5: a diverged scout counts as diverged
+def test_full_run_commands_and_mup_reads_the_shared_dense_cell():
+    cmds = science.commands(science.Scale(), BASE, 2, science.QUICK_HPS, first=False)
+    assert list(cmds) == ["lr", "lr_mup", "init", "init_mup", "transfer"]
+    assert overrides(cmds["lr"])["study.params"] == "[supar,sp]"
+    mup = overrides(cmds["lr_mup"])
+    assert (mup["study.params"], mup["study.densities"]) == ("[mup]", "[0.25,0.0625,0.015625]")
+    init = overrides(cmds["init"])
+    assert init["study.refine"] == "false" and init["train.batch_size"] == "8"
+    assert init["train.steps"] == init["train.eval_every"] == "100"
+    t = overrides(cmds["transfer"])
+    assert (t["transfer.check"], t["transfer.check_sampler"]) == ("true", "bracket")
+    no_mup = science.replace(science.Scale(), params=("mup", "sp"))
+    cmds = science.commands(no_mup, BASE, 2, science.QUICK_HPS, first=False)
+    assert overrides(cmds["lr"])["study.params"] == "[mup,sp]" and "lr_mup" not in cmds
 
 
-def test_cells_start_at_the_next_denser_cells_optimum():
-    cells = [science.Bracket("lr", p, d) for p in ("supar", "sp", "mup")
-             for d in (1.0, 0.25, 0.0625) if not (p == "mup" and d == 1.0)]
-    roots = science.chain(cells)
-    assert [(b.param, b.density) for b in roots] == [("supar", 1.0), ("sp", 1.0)]
-    supar_dense = roots[0]
-    assert [(b.param, b.density) for b in supar_dense.dependents] == [("supar", 0.25),
-                                                                      ("mup", 0.25)]
-    mup = [b for b in cells if b.param == "mup"]
-    assert mup[0].dependents == [mup[1]] and mup[1] not in roots
-    # the fitted optimum, rounded to the one-octave grid; the default with nothing to fit
-    grid = _trials({-5: [2.6] * 3, -4: [2.4] * 3, -3: [2.45] * 3, -2: [2.3]})  # -2: a scout
-    assert supar_dense.start(grid, default=-6) == -4
-    assert supar_dense.start(grid.iloc[:0], default=-6) == -6
+def test_every_stability_command_is_a_valid_bracketing_study():
+    cmds = science.commands(science.Scale(), BASE, 2, science.QUICK_HPS, first=False)
+    for name in ("lr", "lr_mup", "init", "init_mup"):
+        cfg = composed(cmds[name])
+        sweep.validate_study(cfg)  # raises on a bad bracket (bounds, centre, continuation)
+        assert cfg.study.sampler == "bracket" and cfg.study.name == name
+    cfg = composed(cmds["transfer"])
+    transfer.validate_transfer(cfg)
+    assert transfer.check_step(cfg.transfer.check_octaves) == 0.5
 
 
-def test_stability_jobs_start_each_chain_then_its_dependents(tmp_path: Path) -> None:
-    hps = {"lr": 2.0**-6, "init_std": 0.1, "alpha_input": 1.0, "alpha_output": 1.0}
-    cells = [science.Bracket("lr", "sp", d, seeds=(0,)) for d in (1.0, 0.25)]
-    jobs = science.stability_jobs("lr", tmp_path, tmp_path, science.QUICK, hps, cells)
-    assert [j.name for j in jobs] == ["lr/sp/d1/r0"]
-    assert "study.space.lr={values:[0.0078125,0.015625,0.03125]}" in jobs[0].argv
-    assert "train.eval_every=100" in jobs[0].argv  # one evaluation, at the end
-    assert "study.seeds=[0]" in jobs[0].argv
-    _write_trials(tmp_path / "lr/sp/d1/r0", _trials({-7: [2.5], -6: [2.3], -5: [2.4]},
-                                                   param="sp"))
-    follow = jobs[0].then(jobs[0], 0)  # bracketed at -6, -5 lower than -7: refine at -5.5
-    assert [j.name for j in follow] == ["lr/sp/d1/r1"]
-    assert f"study.space.lr={{values:[{2.0**-5.5!r}]}}" in follow[0].argv
-    _write_trials(tmp_path / "lr/sp/d1/r1", _trials({-5.5: [2.35]}, param="sp"))
-    after = follow[0].then(follow[0], 0)  # done: the sparser cell starts at -6
-    assert [j.name for j in after] == ["lr/sp/d0.25/r0"]
-    assert "study.space.lr={values:[0.0078125,0.015625,0.03125]}" in after[0].argv
-
-
-def _write_trials(folder: Path, trials: pd.DataFrame) -> None:
-    folder.mkdir(parents=True)
-    trials.assign(width=64, study=folder.name, cell="c", number=range(len(trials)),
-                  role="search").to_csv(folder / "trials.csv", index=False)
-
-
-def test_frontier_pairs_seeds_and_calls_a_small_gap_noise():
-    t = pd.concat([
-        _trials({-7: [2.50, 2.60, 2.70], -6: [2.55, 2.65, 2.75]}, param="supar"),
-        _trials({-7: [2.49, 2.61, 2.68], -6: [2.60, 2.70, 2.80]}, param="sp"),
-        _trials({-7: [2.60, 2.70, 2.80]}, param="mup"),
-    ])
-    fr = science.frontier(t).set_index("other")
-    assert fr.loc["sp", "within_noise_or_better"]  # mean gap +0.0067, paired sem 0.0088
-    assert fr.loc["mup", "gap_pct"] == pytest.approx(-100 * 0.1 / 2.7)
-    assert fr.loc["mup", "within_noise_or_better"]
-    worse = pd.concat([_trials({-7: [2.60, 2.70, 2.80]}, param="supar"),
-                       _trials({-7: [2.50, 2.61, 2.70]}, param="sp")])
-    assert not science.frontier(worse).iloc[0]["within_noise_or_better"]
-
-
-def test_set_overrides_go_last_on_every_job(tmp_path: Path) -> None:
-    echo = [sys.executable, "-c", "import sys; print(sys.argv[1:])"]
-    jobs = [science.Job(f"j{i}", [*echo, "optim.lr=0.1"]) for i in range(2)]
-    failed = science.run_jobs(jobs, 2, tmp_path, extra=("optim.lr=0.2",))
-    assert failed == []
-    for i in range(2):  # Hydra takes the last value of a key: the user's --set wins
-        assert "['optim.lr=0.1', 'optim.lr=0.2']" in (tmp_path / f"j{i}.log").read_text()
+def test_quick_main_launches_coord_and_lr_with_set_last(tmp_path, monkeypatch, capsys):
+    launched: dict[str, list[str]] = {}
+    monkeypatch.setattr(science, "launch", lambda name, argv, logs: launched.setdefault(
+        name, argv))
+    monkeypatch.setattr(science, "wait", lambda procs: [])
+    rc = science.main(["--quick", "--out", str(tmp_path), "--set", "optim.lr=0.2"])
+    assert list(launched) == ["coord", "lr"] and rc == 1  # nothing ran: nothing passes
+    assert all(argv[-1] == "optim.lr=0.2" for argv in launched.values())  # Hydra's last wins
+    text = capsys.readouterr().out
+    assert "lr_stability: no trials fail" in text and "coord: no coord_spreads.csv" in text
+    assert re.search(r"^science: 0/2 criteria pass in [0-9.]+ min \(fail\)$", text, re.M)
 
 
 def test_proxy_from_without_a_finished_proxy_is_one_line(tmp_path: Path) -> None:
@@ -168,6 +118,86 @@ def test_proxy_from_without_a_finished_proxy_is_one_line(tmp_path: Path) -> None
     assert not (tmp_path / "what_if" / "proxy").exists()
 
 
+# -- the criteria lines, on fabricated results ---------------------------------------------------
+
+
+def _trials(param: str, density: float, minimum: float, seeds=(0, 1, 2), scout=None):
+    """Bracket-like results: a bowl in log2 lr around `minimum`, all seeds at 5 points, and
+    optionally a first-seed-only scout point (with the lowest loss of all)."""
+    rows = [{"state": "COMPLETE", "role": "search", "param": param, "width": 128,
+             "density": density, "seed": s, "log2_lr": float(x),
+             "final_val_loss": 2.0 + 0.1 * (x - minimum) ** 2 + 0.01 * s, "diverged": False}
+            for s in seeds for x in range(round(minimum) - 2, round(minimum) + 3)]
+    if scout is not None:
+        rows.append({**rows[0], "log2_lr": scout, "final_val_loss": 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_stability_line_judges_the_seed_complete_points(tmp_path, capsys):
+    s = science.Scale(params=("supar", "sp", "mup"), densities=(1.0, 0.25))
+    ran = pd.concat([_trials("supar", 1.0, -6.2, scout=-12.0), _trials("supar", 0.25, -6.3),
+                     _trials("sp", 1.0, -7.0), _trials("sp", 0.25, -4.6),
+                     _trials("mup", 0.25, -4.0)])
+    ok, opt, t = science.stability_line("lr_stability", "lr", ran, s, tmp_path / "fig")
+    text = capsys.readouterr().out
+    assert "1 first-seed scouting runs left out" in text
+    m = re.search(r"^lr_stability: optimum spread across densities: supar ([0-9.]+) octaves "
+                  r"\(<= 0.5\) pass; sp ([0-9.]+) \(>= 2.0\) pass; mup ([0-9.]+)$", text, re.M)
+    assert ok and m, text
+    assert float(m.group(1)) == pytest.approx(0.1, abs=0.05)  # the scout at -12 is left out
+    assert float(m.group(2)) == pytest.approx(2.4, abs=0.05)
+    assert float(m.group(3)) == pytest.approx(2.2, abs=0.05)  # µP's dense cell: SμPar's
+    assert ((t["param"] == "mup") & (t["density"] == 1.0)).sum() == 15
+    assert (tmp_path / "fig.png").is_file() and len(opt) == 6  # 3 params x 2 densities
+
+
+def test_stability_line_fails_a_minimum_at_the_edge(tmp_path, capsys):
+    edge = _trials("supar", 0.25, -6.0)
+    edge = edge[edge["log2_lr"] >= -6]  # the minimum is the lowest point run
+    ran = pd.concat([_trials("supar", 1.0, -6.0), edge, _trials("sp", 1.0, -7.0),
+                     _trials("sp", 0.25, -4.0)])
+    ok, _, _ = science.stability_line("lr_stability", "lr", ran, science.QUICK, tmp_path / "f")
+    text = capsys.readouterr().out
+    assert not ok and "supar 0.00 octaves (<= 0.5) fail" in text
+    assert "(not bracketed: supar)" in text
+
+
+def test_coord_transfer_and_frontier_lines(tmp_path, capsys):
+    coord = tmp_path / "coord"
+    coord.mkdir()
+    pd.DataFrame({"param": ["supar", "supar", "sp"], "module": ["attn", "mlp", "attn"],
+                  "spread": [1.1, 1.2, 30.0], "worst_step": [2, 3, 1],
+                  "width_spread": [1.1, 1.2, 2.0], "density_spread": [1.0, 1.1, 30.0]}
+                 ).to_csv(coord / "coord_spreads.csv", index=False)
+    pd.DataFrame({"param": ["supar"], "width": [64], "density": [1.0], "module": ["attn"],
+                  "step": [1], "l1": [1.0]}).to_csv(coord / "coord.csv", index=False)
+    ok, _ = science.coord_line(tmp_path, "the --quick HPs")
+    assert ok
+    rows = [{"state": "COMPLETE", "role": "target" if o == 0 else "check", "param": p,
+             "width": 256, "density": 0.25, "seed": 0, "log2_lr": -6 + o, "diverged": False,
+             "final_val_loss": v}
+            for p, losses in (("supar", {-0.5: 2.32, 0.0: 2.31, 0.5: 2.40}),
+                              ("sp", {0.0: 2.40, 0.5: 2.35, 1.0: 2.30}))
+            for o, v in losses.items()]
+    ok_t, reg = science.transfer_line(pd.DataFrame(rows))
+    fr = science.analysis.frontier(pd.concat([_trials("supar", 1.0, -6.0),
+                                              _trials("sp", 1.0, -6.0).assign(
+                                                  final_val_loss=lambda d: d.final_val_loss + .1)]))
+    ok_f = science.frontier_line(fr)
+    text = capsys.readouterr().out
+    assert "coord: worst activation spread across widths and densities at the --quick HPs: " \
+           "supar 1.20x (<= 1.25) pass; sp 30.00x" in text
+    assert ok_t and re.search(r"transfer: .* supar d=0.25 0.00% \(\+0.0 oct\) \(<= 1.0%\) pass; "
+                              r"sp d=0.25 >=4.35% \(-1.0 oct\)$", text, re.M), text
+    assert ok_f and "frontier: supar best or within noise at 1/1 densities pass" in text
+    assert np.isclose(fr["gap_pct"].iloc[0], -100 * 0.1 / 2.11, atol=0.01)
+    assert not science.frontier_line(fr.iloc[0:0])
+    assert not science.coord_line(tmp_path / "none", "x")[0]
+
+
+# -- the reduced run ----------------------------------------------------------------------------
+
+
 @pytest.mark.slow
 def test_quick_science_run_shows_the_effects(tmp_path: Path) -> None:
     env = {**os.environ, "MPLBACKEND": "Agg"}
@@ -175,7 +205,7 @@ def test_quick_science_run_shows_the_effects(tmp_path: Path) -> None:
                           "--out", str(tmp_path / "science")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     text = out.stdout
-    assert "failed jobs:" not in text, text + out.stderr[-3000:]
+    assert "failed commands:" not in text, text + out.stderr[-3000:]
     lr = re.search(r"lr_stability: .* supar ([0-9.]+) octaves .* sp ([0-9.]+) ", text)
     coord = re.search(r"coord: .* supar ([0-9.]+)x .* sp ([0-9.]+)x", text)
     assert lr and coord, text + out.stderr[-3000:]
@@ -186,28 +216,4 @@ def test_quick_science_run_shows_the_effects(tmp_path: Path) -> None:
     assert supar_coord <= 1.5 and sp_coord >= 10.0, text
     assert re.search(r"^science: \d/2 criteria pass in [0-9.]+ min", text, re.M), text
     assert (tmp_path / "science" / "figures" / "lr_stability.png").is_file()
-
-
-def test_transfer_grid_grows_towards_the_best_up_to_one_octave(tmp_path: Path) -> None:
-    [job] = [j for j in science.transfer_jobs(tmp_path, tmp_path, science.Scale())
-             if j.name == "transfer/supar/d0.25"]
-    assert "transfer.check_octaves=[-0.5,0.5]" in job.argv
-
-    def ran(losses: dict[float, float]) -> None:
-        rows = [{"state": "COMPLETE", "role": "target" if o == 0 else "check",
-                 "param": "supar", "width": 256, "density": 0.25, "seed": 0,
-                 "log2_lr": -6 + o, "final_val_loss": v, "diverged": False}
-                for o, v in losses.items()]
-        folder = tmp_path / "transfer/supar/d0.25"
-        folder.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(rows).assign(study="t", cell="c", number=range(len(rows))).to_csv(
-            folder / "trials.csv", index=False)
-
-    ran({-0.5: 2.30, 0.0: 2.31, 0.5: 2.40})  # best at the low edge: add -1
-    [more] = job.then(job, 0)
-    assert more.name == "transfer/supar/d0.25/r1"
-    assert "transfer.check_octaves=[-1.0,-0.5,0.5]" in more.argv
-    ran({-1.0: 2.29, -0.5: 2.30, 0.0: 2.31, 0.5: 2.40})  # still at the edge: reach is 1
-    assert more.then(more, 0) == []
-    ran({-0.5: 2.32, 0.0: 2.31, 0.5: 2.40})  # the transferred LR is best: done
-    assert job.then(job, 0) == []
+    assert (tmp_path / "science" / "lr" / "trials.csv").is_file()  # the product's own study

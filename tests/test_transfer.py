@@ -61,6 +61,50 @@ def test_transfer_runs_targets_with_a_check_grid(tmp_path):
     assert (tmp_path / "targets" / "transfer_plan.csv").is_file()
 
 
+def _bowl(minimum: float):
+    """A fake training run (train.run): loss a parabola in log2(optim.lr), minimum known."""
+    import math
+
+    def run(cfg, report=None, checkpoint=None):
+        loss = 2.0 + 0.1 * (math.log2(cfg.optim.lr) - minimum) ** 2
+        return {"diverged": False, "loss_ceiling": 10.0, "final_val_loss": loss,
+                "final_train_loss": loss, "best_val_loss": loss, "steps": 1,
+                "tokens_per_second": 1.0, "n_params": 1, "n_nonzero_params": 1,
+                "train_seconds": 0.0,
+                "curve": [{"step": 1, "train_loss": loss, "val_loss": loss, "lr": cfg.optim.lr}]}
+    return run
+
+
+def test_bracketed_check_runs_only_the_points_towards_the_best(tmp_path, monkeypatch):
+    from spartune import analysis, train
+
+    monkeypatch.setattr(train, "run", _bowl(-5.2))  # the proxy picks 2^-6 of [2^-8, 2^-6]
+    cfg = _targets(_proxy(tmp_path), check=True)
+    t = cfg.transfer
+    t.params, t.densities, t.check_octaves = ["supar"], [0.25], [-1.0, -0.5, 0.5, 1.0]
+    t.check_sampler = "bracket"
+    trials = transfer.run(cfg)["trials"]
+    offsets = sorted(round(x + 6.0, 6) for x in trials["log2_lr"])
+    assert offsets == [-0.5, 0.0, 0.5, 1.0]  # grown towards the best, never to -1
+    assert trials.set_index("log2_lr")["role"].to_dict() == {
+        -6.5: "check", -6.0: "target", -5.5: "check", -5.0: "check"}
+    reg = analysis.transfer_regret(trials).iloc[0]
+    assert reg["distance_octaves"] == pytest.approx(-1.0) and bool(reg["at_edge"])
+
+
+@pytest.mark.parametrize(("change", "text"), [
+    ({"check_sampler": "tpe"}, "choose grid or bracket"),
+    ({"check_sampler": "bracket", "check_octaves": [-1.0, 0.3]}, "not whole steps"),
+])
+def test_bad_check_sampler_is_one_line(tmp_path, change, text):
+    cfg = _targets(tiny_config(results_dir=str(tmp_path)), check=True)
+    for k, v in change.items():
+        setattr(cfg.transfer, k, v)
+    with pytest.raises(ConfigError, match=text) as e:
+        transfer.validate_transfer(cfg)
+    assert e.value.field.startswith("transfer.check_") and "\n" not in str(e.value)
+
+
 def test_transfer_from_a_missing_or_empty_study_is_a_clear_error(tmp_path):
     cfg = _targets(tiny_config(results_dir=str(tmp_path)))
     with pytest.raises(ConfigError) as e:

@@ -33,6 +33,30 @@ def loss_grid(trials: pd.DataFrame, x: str = "lr", *,
     return _aggregate(trials, [f"log2_{x}"], list(by))
 
 
+def seed_complete(trials: pd.DataFrame, x: str = "lr", *,
+                  by: Sequence[str] = BY) -> pd.DataFrame:
+    """The COMPLETE trials at the log2(x) points that every seed of their group ran, or where
+    any seed diverged: the points `optima` uses.
+
+    The bracketing search scouts with its first seed, so a bracket study also holds points
+    only that seed ran; a best setting or a figure over those would compare a one-seed loss
+    with seed means. A diverged scout stays: the point counts as diverged whatever the other
+    seeds would have done.
+    """
+    col = f"log2_{x}"
+    done = trials[(trials["state"] == "COMPLETE") & trials[col].notna()]
+    if done.empty:
+        return done
+    keys = [done[c] for c in by]
+    point = done[col].astype(float).round(_DECIMALS)
+    loss = done["final_val_loss"].astype(float)
+    bad = (done["diverged"].astype(bool) | ~np.isfinite(loss))
+    n_group = done.groupby(keys, dropna=False)["seed"].transform("nunique")
+    n_point = done.groupby([*keys, point], dropna=False)["seed"].transform("nunique")
+    any_bad = bad.groupby([*keys, point], dropna=False).transform("any")
+    return done[(n_point >= n_group) | any_bad]
+
+
 def best_settings(trials: pd.DataFrame, *, by: Sequence[str] = BY) -> pd.DataFrame:
     """The HP setting with the lowest seed-mean loss in each group: each cell's own best.
 
@@ -213,6 +237,49 @@ def optimum_spread(opt: pd.DataFrame, x: str = "lr", *, across: str = "density",
                      f"{across}_at_max": hi[across], "n_values": g[across].nunique(),
                      "spread_lo": s_lo, "spread_hi": s_hi})
     return pd.DataFrame(rows, columns=out_cols)
+
+
+def frontier(trials: pd.DataFrame, reference: str = "supar") -> pd.DataFrame:
+    """The numbers behind `plot.loss_vs_density`'s own-best lines (paper Fig. 8): per density,
+    `reference`'s loss at its best setting against each other param's at theirs.
+
+    Losses are paired by seed (runs of one seed share data order and masks), so the gap's
+    standard error is the paired one. within_noise_or_better: the reference's mean loss is at
+    most 2 paired standard errors above the other's. Pass seed-complete trials
+    (`seed_complete`) so every best setting is a mean over the same seeds. Columns: density,
+    other, reference_loss, other_loss, gap_pct (negative: the reference is lower), gap_sem_pct,
+    within_noise_or_better.
+    """
+    cols = ["density", "other", "reference_loss", "other_loss", "gap_pct", "gap_sem_pct",
+            "within_noise_or_better"]
+    best = best_settings(trials, by=["param", "width", "density"])
+    hps = [c for c in best.columns if c.startswith("log2_")]
+    ok = trials[(trials["state"] == "COMPLETE") & ~trials["diverged"].astype(bool)]
+    ok = ok.assign(**{c: ok[c].astype(float).round(_DECIMALS) for c in hps})
+
+    def losses(param: str, d: float) -> pd.Series:  # per seed, at the param's best setting
+        at = best[(best["param"] == param) & (best["density"] == d)].iloc[0]
+        sel = ok[(ok["param"] == param) & (ok["density"] == d)]
+        for c in hps:
+            sel = sel[sel[c].isna()] if pd.isna(at[c]) else sel[sel[c] == round(at[c], 6)]
+        return sel.groupby("seed")["final_val_loss"].mean()
+
+    rows = []
+    for d in sorted(best["density"].unique(), reverse=True):
+        params = set(best.loc[best["density"] == d, "param"])
+        if reference not in params:
+            continue
+        ref = losses(reference, d)
+        for other in sorted(params - {reference}):
+            o = losses(other, d)
+            diff = (ref - o).dropna()
+            sem = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+            rows.append({"density": d, "other": other, "reference_loss": float(ref.mean()),
+                         "other_loss": float(o.mean()),
+                         "gap_pct": 100.0 * float(diff.mean()) / float(o.mean()),
+                         "gap_sem_pct": 100.0 * sem / float(o.mean()),
+                         "within_noise_or_better": bool(diff.mean() <= 2 * sem)})
+    return pd.DataFrame(rows, columns=cols)
 
 
 def transfer_regret(trials: pd.DataFrame, x: str = "lr") -> pd.DataFrame:

@@ -10,7 +10,8 @@ most of its runs far from any optimum; this search spends them around it. Per *g
 2. extend one step at a time until the seed-mean minimum has a worse neighbour on each side
    (a diverged or pruned run counts as worse than any finite one);
 3. refine by half a step from the minimum towards its lower neighbour (one octave apart, the
-   parabola through three points is skewed by the loss curve's asymmetry);
+   parabola through three points is skewed by the loss curve's asymmetry); `study.refine=false`
+   skips this, for curves too flat for the half step to tell the points apart;
 4. stop at `study.max_points` points or at an axis bound; a minimum at a bound is reported as
    `at_low_bound` / `at_high_bound`, never as an optimum.
 
@@ -60,6 +61,7 @@ class Axis:
     step: float
     centre: float  # the default first point, on the lattice lo + k * step
     max_points: int
+    refine: bool = True  # half-step refinement once bracketed (study.refine)
 
 
 @dataclass
@@ -184,7 +186,7 @@ def axis(cfg: Config) -> Axis:
     k = round((min(max(x, lo), hi) - lo) / step)
     k = min(k, math.floor((hi - lo) / step + EPS))
     return Axis(name, sweep._param_name(name, dim), _r(lo), _r(hi), float(step),
-                _r(lo + k * step), s.max_points)
+                _r(lo + k * step), s.max_points, s.refine)
 
 
 def groups(cfg: Config) -> list[Group]:
@@ -247,7 +249,7 @@ def _decide(known: dict[int, dict[float, float]], seeds: list[int], ax: Axis,
         batch = [(s, x) for s in seeds[1:] for x in near if x not in known[s]]
         if batch:
             return batch, "searching"
-    new, status = _step(_full(known, seeds), ax, refine=True)
+    new, status = _step(_full(known, seeds), ax, refine=ax.refine)
     if new is None:
         return [], status
     if not room:

@@ -220,6 +220,9 @@ class StudyConfig:
     continuation: bool = False  # each sparser cell starts at the next denser cell's optimum
     max_points: int = 10  # points per (param, width, density) before the search gives up
     step: float | None = None  # octaves (log axes) between points; None: space step, else 1
+    # Refine by half a step towards the lower neighbour once bracketed; false: the optimum is
+    # the parabola through the bracket on the step grid (cheaper; enough for flat curves).
+    refine: bool = True
 
 
 @dataclass
@@ -237,6 +240,10 @@ class TransferConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     check: bool = False  # also run a local LR grid around each transferred value
     check_octaves: list[float] = field(default_factory=lambda: [-2.0, -1.0, 1.0, 2.0])
+    # grid: every check point runs. bracket: the check points form a lattice (steps of the
+    # smallest gap, 0 included) and only those needed to bracket the target's own best run:
+    # half a step each side first, grown towards the best up to the outermost check point.
+    check_sampler: str = "grid"
 
 
 @dataclass

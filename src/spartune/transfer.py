@@ -7,7 +7,9 @@ std and Adam LR (SUPAR.md §1.2-1.3). SP and µP re-using the dense-tuned values
 "standard practice" baseline; they run beside SμPar as trials of the same target study.
 
 With `transfer.check`, each target also runs a local LR grid around the transferred value, so
-the report can say how many octaves the target's own optimum lies from it, and at what loss.
+the report can say how many octaves the target's own optimum lies from it, and at what loss;
+`transfer.check_sampler=bracket` runs only the part of that grid that brackets the target's own
+best (bracket.py), which at wide targets is most of the check's cost saved.
 """
 
 from __future__ import annotations
@@ -71,7 +73,28 @@ def target_config(cfg: Config, chosen: dict, *, name: str) -> Config:
     octaves = [0.0] + ([o for o in t.check_octaves if o != 0] if t.check else [])
     lr = out.optim.lr
     s.space = {"lr": SearchDim(values=[lr * 2.0**o for o in sorted(octaves)])}
+    if t.check and t.check_sampler == "bracket":
+        # The same lattice, walked: the transferred LR and half a step each side first, then
+        # one step at a time towards the target's own best, never past the outermost point.
+        s.sampler, s.centre, s.refine, s.continuation = "bracket", lr, False, False
+        s.step, s.max_points = check_step(octaves), len(octaves)
+        s.space = {"lr": SearchDim(low=lr * 2.0**min(octaves), high=lr * 2.0**max(octaves))}
     return out
+
+
+def check_step(octaves: list[float]) -> float:
+    """The lattice step of the check grid (0 included): its smallest gap, which every point
+    must be a whole number of steps from 0 (ConfigError otherwise)."""
+    pts = sorted(set(octaves) | {0.0})
+    if len(pts) < 2:
+        raise ConfigError("transfer.check_octaves", "a bracketed check needs a point besides 0")
+    step = min(b - a for a, b in zip(pts, pts[1:], strict=False))
+    off = [o for o in pts if abs(o / step - round(o / step)) > 1e-6]
+    if off:
+        raise ConfigError("transfer.check_octaves", f"{off} are not whole steps of {step:g} "
+                          "octaves from 0: a bracketed check walks an even lattice; space the "
+                          "points evenly, or use transfer.check_sampler=grid")
+    return step
 
 
 def validate_transfer(cfg: Config) -> None:
@@ -84,6 +107,11 @@ def validate_transfer(cfg: Config) -> None:
                               f"{', '.join(HP_FIELDS)}")
     if t.select not in ("best", "best_mean"):
         raise ConfigError("transfer.select", f"unknown {t.select!r}; choose best or best_mean")
+    if t.check_sampler not in ("grid", "bracket"):
+        raise ConfigError("transfer.check_sampler", f"unknown {t.check_sampler!r}; choose grid "
+                          "or bracket")
+    if t.check and t.check_sampler == "bracket":
+        check_step(t.check_octaves)
 
 
 def plan(cfg: Config, chosen: dict) -> pd.DataFrame:
