@@ -1,36 +1,24 @@
 """Science benchmark: does spartune reproduce, at CPU scale, what SμPar promises?
 
-The paper's protocol (SUPAR.md §3) as a sequence of spartune commands on the built-in corpus,
-then one line per criterion with the measured figure and pass/fail:
+The paper's protocol (SUPAR.md §3) as spartune commands on the built-in corpus, then one line
+per criterion with the measured figure and pass/fail (thresholds: the issue's, never tuned):
 
-  0. tune     `spartune-sweep -cn proxy`: TPE + median pruning over eta, sigma, alpha_in and
-              alpha_out on a dense width-64 proxy, one seeded worker (reproducible); every run
-              below uses its winner, as the paper uses its proxy's HPs (Tables 3, 4).
-  1. lr       `spartune-sweep -cn lr_stability`, the bracketing search per (param, density)
-              (bracket.py: a one-octave log2(eta) grid extended until the seed-mean minimum is
-              bracketed, half-octave refinement towards the lower neighbour, each sparser cell
-              starting at the denser cell's optimum), the optimum the parabola vertex
-              (analysis.optima). Spread across densities: SμPar <= 0.5 octave; SP >= 2 octaves
-              (the problem the tool exists to fix); µP reported (paper Figs 1, 6).
-  2. init     `spartune-sweep -cn sigma_stability`: the same for sigma_base with 100-step runs
-              of 8 sequences judged on the LR runs' 128 held-out sequences (Fig. 7, Table 4),
-              without the half-octave refinement (study.refine=false).
-  3. coord    `spartune-coord` at the paper's Fig. 5 settings (sigma 0.101, alpha_in 11.22,
-              alpha_out 1, constant LR 1.62e-2, 10 steps): mean |activation| of attention and
-              MLP outputs, widths 64..512 x densities 1..1/64, worst step: SμPar <= 1.25x.
+  0. tune     `spartune-sweep -cn proxy`: TPE + median pruning over eta, sigma, alpha_in,
+              alpha_out on a dense width-64 proxy, one seeded worker; every run below uses
+              its winner, as the paper uses its proxy's HPs (Tables 3, 4).
+  1. lr       `spartune-sweep -cn lr_stability`: the bracketing search per (param, density)
+              (bracket.py), optimum = parabola vertex (analysis.optima). Spread across
+              densities: SμPar <= 0.5 octave; SP >= 2 octaves; µP reported (Figs 1, 6).
+  2. init     `spartune-sweep -cn sigma_stability`: the same for sigma_base, 100-step runs of
+              8 sequences, no half-octave refinement (Fig. 7, Table 4).
+  3. coord    `spartune-coord` at the paper's Fig. 5 settings: mean |activation| of attention
+              and MLP outputs, widths 64..512 x densities 1..1/64: SμPar <= 1.25x.
   4. transfer `spartune-transfer transfer.check=true`: the proxy's HPs on width-256 targets at
-              densities 1/4, 1/16 against each target's own best on a half-octave LR lattice
-              grown towards it up to one octave each side (transfer.check_sampler=bracket):
-              SμPar within 1%; SP's standard practice (the dense HPs re-used) reported.
+              densities 1/4, 1/16 against each target's own best LR: SμPar within 1%.
   5. frontier best-LR loss per density from 1's runs (analysis.frontier): SμPar best, or within
-              2 paired standard errors over seeds, at every density (paper Fig. 8).
-  In 1 and 2 the first seed scouts and the others run at its minimum and neighbours; every
-  estimate is a mean over all seeds (analysis.seed_complete).
-
-The proxy runs beside the coordinate check, then the stability sweeps and the transfer side by
-side, each with `--jobs` workers (study.workers) of one torch thread. At density 1 SμPar is µP
-(SUPAR.md §1.3): µP's sweeps run the sparser densities and read SμPar's dense cell as theirs.
-Every study resumes by itself: a rerun runs what is missing, then judges.
+              2 paired standard errors over seeds, at every density (Fig. 8).
+At density 1 SμPar is µP (SUPAR.md §1.3): µP's sweeps run only the sparser densities. Every
+study resumes by itself: a rerun runs what is missing, then judges.
 
     .venv/bin/python benchmarks/science.py          # the full benchmark (41 min, 2 cores)
     .venv/bin/python benchmarks/science.py --quick  # criteria 1 and 3, reduced
@@ -55,7 +43,7 @@ if str(ROOT / "src") not in sys.path:  # run from a checkout without installing,
     sys.path.insert(0, str(ROOT / "src"))
 
 from spartune import analysis, collect, plot, report  # noqa: E402
-from spartune.coord import spreads  # noqa: E402
+from spartune.coord import diagnosis  # noqa: E402
 from spartune.transfer import select_hps  # noqa: E402
 
 HPS = ("lr", "init_std", "alpha_input", "alpha_output")
@@ -169,8 +157,7 @@ def launch(name: str, argv: list[str], logs: Path) -> subprocess.Popen:
     """Start one command, its output in `logs/<name>.log`."""
     print("$ " + " ".join(argv), flush=True)
     with open(logs / f"{name}.log", "a") as fh:
-        fh.write("$ " + " ".join(argv) + "\n")
-        fh.flush()
+        print("$ " + " ".join(argv), file=fh, flush=True)
         return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -191,7 +178,8 @@ def proxy_hps(out: Path) -> dict[str, float]:
     t = read(out, ["proxy"])
     if t.empty or not (t["state"] == "COMPLETE").any():
         return {}
-    return {h: float(select_hps(t, select="best", hps=list(HPS), source="proxy")[h]) for h in HPS}
+    best = select_hps(t, select="best", hps=list(HPS), source="proxy")
+    return {h: float(best[h]) for h in HPS}
 
 
 def stability_line(label: str, x: str, ran: pd.DataFrame, s: Scale, fig: Path
@@ -220,22 +208,17 @@ def stability_line(label: str, x: str, ran: pd.DataFrame, s: Scale, fig: Path
 
 
 def coord_line(out: Path, setting: str) -> tuple[bool, pd.DataFrame]:
-    """The verdict at `setting`, and the diagnosis: the same without the base width and the
-    cells with < 16 weights per neuron (each module's axis and step: logs/coord.log)."""
+    """The verdict at `setting`, and spartune-coord's diagnosis (without the base width and
+    the cells with < 16 weights per neuron; each module's axis and step: logs/coord.log)."""
     if not (out / "coord" / "coord_spreads.csv").is_file():
         print("coord: no coord_spreads.csv (the coordinate check did not run) fail")
         return False, pd.DataFrame()
     sp = pd.read_csv(out / "coord" / "coord_spreads.csv")
     worst = sp.groupby("param")["spread"].max()
     sup = float(worst.get("supar", math.nan))
-    df = pd.read_csv(out / "coord" / "coord.csv").query("param == 'supar'")
-    base, wmax = df["width"].min(), df["width"].max()
-    keep = df[(df["width"] > base) & (df["width"] * df["density"] >= 16)]
-    if not keep.empty and len(keep) < len(df):
-        print(f"  diagnosis: without the base width {base} (m_d = 1) and the cells with fewer "
-              f"than 16 weights per neuron in qkv/mlp_up (width {wmax} at density < "
-              f"{16 / wmax:g}): " + ", ".join(f"{r.module} {r.spread:.2f}x"
-                                              for r in spreads(keep).itertuples()))
+    note = diagnosis(pd.read_csv(out / "coord" / "coord.csv"))
+    if note:
+        print(f"  {note}")
     print(f"coord: worst activation spread across widths and densities at {setting}: supar "
           f"{sup:.2f}x (<= {COORD_MAX}) {'pass' if sup <= COORD_MAX else 'fail'}; "
           + "; ".join(f"{p} {v:.2f}x" for p, v in worst.items() if p != "supar"))
@@ -315,15 +298,17 @@ def main(argv: list[str] | None = None) -> int:
         procs[name] = launch(name, [*argv_, *a.set], logs)  # --set last: Hydra takes the last
     failed += wait(procs)
 
-    print(f"\n# results (LR/init runs: width {s.width}, base {s.proxy_width}, "
-          f"{len(s.seeds)} seeds)")
+    runs = {x: read(out, [SWEEP[x][1], f"{SWEEP[x][1]}_mup"]) for x in SWEEP}
+    widths = sorted({int(w) for t in runs.values() if len(t) for w in t["width"]}) or [s.width]
+    print(f"\n# results (LR/init runs: width {'/'.join(map(str, widths))}, as run; "
+          f"{len(s.seeds)} seeds)")  # from the trials: a --set what-if changes the width
     results: dict[str, bool] = {}
     tables: dict[str, pd.DataFrame] = {}
     for key, x, fig in (("lr", "lr", "lr_stability"), ("init", "init_std", "sigma_stability")):
         if key in s.criteria:
-            label, ran = f"{key}_stability", read(out, [SWEEP[x][1], f"{SWEEP[x][1]}_mup"])
+            label = f"{key}_stability"
             results[label], tables[f"{label}_optima"], tables[f"{label}_trials"] = \
-                stability_line(label, x, ran, s, out / "figures" / fig)
+                stability_line(label, x, runs[x], s, out / "figures" / fig)
     if "coord" in s.criteria:
         results["coord"], tables["coord_spreads"] = coord_line(
             out, "the --quick HPs" if a.quick else "the paper's Fig. 5 settings")

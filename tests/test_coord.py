@@ -262,3 +262,22 @@ def test_main_writes_tables_figure_and_verdict(tmp_path: Path, capsys, monkeypat
     cfg.coord.tolerance = 1.0
     assert coord.main(cfg, tmp_path / "strict") is False
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_diagnosis_leaves_out_the_base_width_and_the_starved_cells():
+    """The diagnosis re-judges SμPar without m_d = 1 and the cells with < 16 weights per
+    neuron: a blow-up confined to those cells disappears from it, one elsewhere does not."""
+    rows = []
+    for w in (64, 128, 256):
+        for d in (1.0, 0.25, 0.03125):
+            for module in coord.HIDDEN_MODULES:
+                starved = w == 64 or w * d < 16
+                rows.append({"param": "supar", "module": module, "step": 1, "width": w,
+                             "density": d, "seed": 0, "l1": 9.0 if starved else 1.0})
+    df = pd.DataFrame(rows)
+    note = coord.diagnosis(df)
+    assert note is not None and "base width 64" in note
+    assert all(f"{m} 1.00x" in note for m in coord.HIDDEN_MODULES), note
+    df.loc[(df["width"] == 256) & (df["density"] == 1.0), "l1"] = 3.0  # outside them
+    assert "3.00x" in coord.diagnosis(df)
+    assert coord.diagnosis(df[df["width"] == 128]) is None  # nothing to leave out

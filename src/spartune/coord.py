@@ -310,6 +310,24 @@ def verdict(spreads_df: pd.DataFrame, tolerance: float, param: str = "supar", *,
     return ok and found, lines
 
 
+def diagnosis(df: pd.DataFrame, param: str = "supar", min_weights: int = 16) -> str | None:
+    """The spreads again without the base width (m_d = 1) and the cells whose hidden neurons
+    keep fewer than `min_weights` weights: what is left once the regimes the rules do not
+    promise are out (SUPAR.md §1: the derivation assumes many weights per neuron). None when
+    nothing would be left out or nothing would remain."""
+    d = df[df["param"] == param]
+    if d.empty:
+        return None
+    base, wmax = d["width"].min(), d["width"].max()
+    keep = d[(d["width"] > base) & (d["width"] * d["density"] >= min_weights)]
+    if keep.empty or len(keep) == len(d):
+        return None
+    return (f"diagnosis: {param} without the base width {base} (m_d = 1) and the cells with "
+            f"fewer than {min_weights} weights per neuron in qkv/mlp_up (width {wmax} at density "
+            f"< {min_weights / wmax:g}): " + ", ".join(f"{r.module} {r.spread:.2f}x"
+                                                      for r in spreads(keep).itertuples()))
+
+
 def main(cfg: Config, out_dir: Path) -> bool:
     """`spartune-coord`: measure, write coord.csv, coord_spreads.csv and the figure, judge.
 
@@ -346,6 +364,9 @@ def main(cfg: Config, out_dir: Path) -> bool:
         vals = [float(p.loc[(p["param"] == judged) & (p["module"] == module), "spread"].iloc[0])
                 for p in per_step if not p.empty and (p["param"] == judged).any()]
         print(f"{judged} {module} spread by step: " + " ".join(f"{v:.2f}" for v in vals))
+    note = diagnosis(df, judged)
+    if note:
+        print(note)
     print(f"coordinate check {'PASSED' if ok else 'FAILED'} for {judged}")
     for path in [csv_path, spreads_path, *fig_paths]:
         print(f"wrote {path}")
