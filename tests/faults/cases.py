@@ -252,20 +252,25 @@ def postgres_outage(cwd: Path) -> str:
 # -- files --------------------------------------------------------------------------------------
 
 
-def _spoil_checkpoint(cwd: Path, spoil: Callable[[Path], None]) -> str:
+@case("checkpoint_spoilt")
+def checkpoint_spoilt(cwd: Path) -> str:
+    """Two running trials' checkpoints, one cut in half, one overwritten with noise: one warning
+    line per file, each trial restarts from step 0, the grid completes."""
     name = "ckpt"
-    args = sweep_args(name, workers=1, steps=120, checkpoint_every=20)
+    args = sweep_args(name, workers=2, steps=120, checkpoint_every=20)
     p = start("spartune-sweep", args, cwd)
     folder = cwd / "results" / name / "checkpoints"
 
-    def has_checkpoint(ts) -> bool:
-        return mid_grid(1, 1)(ts) and any(folder.rglob("*.pt"))
-    before = finished(wait_for(cwd, name, has_checkpoint, [p]))
+    def has_checkpoints(ts) -> bool:
+        return mid_grid(1, 2)(ts) and len(list(folder.rglob("*.pt"))) >= 2
+    before = finished(wait_for(cwd, name, has_checkpoints, [p]))
     p.kill_group()
     p.wait()
     spoilt = sorted(folder.rglob("*.pt"))
-    for path in spoilt:
-        spoil(path)
+    os.truncate(spoilt[0], spoilt[0].stat().st_size // 2)
+    for path in spoilt[1:]:
+        path.write_bytes(random.Random(3).randbytes(path.stat().st_size))
+    clear_outputs(cwd, name)
     r = start("spartune-sweep", args, cwd)
     rc = r.wait()
     err = r.stderr()
@@ -274,13 +279,7 @@ def _spoil_checkpoint(cwd: Path, spoil: Callable[[Path], None]) -> str:
     warnings = [line for line in err.splitlines() if "unreadable checkpoint" in line]
     check(len(warnings) == len(spoilt), f"{len(warnings)} warning lines for {len(spoilt)} "
                                         f"spoilt checkpoints:\n{err[-800:]}")
-    return f"{warnings[0][:100]}...; {invariants(cwd, name, before).line()}"
-
-
-CASES["checkpoint_truncated"] = lambda cwd: _spoil_checkpoint(
-    cwd, lambda p: os.truncate(p, p.stat().st_size // 2))
-CASES["checkpoint_garbled"] = lambda cwd: _spoil_checkpoint(
-    cwd, lambda p: p.write_bytes(random.Random(3).randbytes(p.stat().st_size)))
+    return f"{warnings[0][:100]}...; {invariants(cwd, name, before, plot=False).line()}"
 
 
 def _done_study(cwd: Path, name: str) -> list[str]:
@@ -306,28 +305,31 @@ def disk_full_checkpoint(cwd: Path) -> str:
     return f"{line[:110]}...; after rerun {invariants(cwd, name, {}, plot=False).line()}"
 
 
-def _plot_full(cwd: Path, limit: int, what: str) -> str:
+@case("disk_full_tables_figures")
+def disk_full_tables_figures(cwd: Path) -> str:
+    """The file-size limit while `spartune-plot` writes trials.csv, then while it writes a
+    figure: each time one line naming the file, exit 3, the previous files unchanged, no
+    temporary file left; then the tables and figures regenerate."""
     name = "full"
     _done_study(cwd, name)
     folder = cwd / "results" / name
     files = [folder / "trials.csv", folder / "curves.csv", *folder.glob("figures/*")]
     old = {p: p.read_bytes() for p in files}
-    # hydra.output_subdir=null: Hydra's own .hydra/ files are written before spartune runs
-    rc, _, err = run("spartune-plot", [f"study.name={name}", "hydra.output_subdir=null"], cwd,
-                     fsize=limit)
-    no_traceback(err)
-    line = last_line(err)
-    check(rc == 3, f"exit code {rc}, documented 3: {line}")
-    check(what in line and "no space" in line, f"last line does not name {what}: {line!r}")
-    changed = [p.name for p, b in old.items() if not p.exists() or p.read_bytes() != b]
-    check(not changed, f"files left changed or half-written: {changed}")
-    check(not leftovers(folder), f"temporary files left: {leftovers(folder)}")
+    lines = []
+    for limit, what in ((1_000, "trials.csv"), (12_000, ".png")):
+        # hydra.output_subdir=null: Hydra's own .hydra/ files are written before spartune runs
+        rc, _, err = run("spartune-plot", [f"study.name={name}", "hydra.output_subdir=null"],
+                         cwd, fsize=limit)
+        no_traceback(err)
+        line = last_line(err)
+        check(rc == 3, f"exit code {rc}, documented 3: {line}")
+        check(what in line and "no space" in line, f"last line does not name {what}: {line!r}")
+        changed = [p.name for p, b in old.items() if not p.exists() or p.read_bytes() != b]
+        check(not changed, f"files left changed or half-written: {changed}")
+        check(not leftovers(folder), f"temporary files left: {leftovers(folder)}")
+        lines.append(line[:70])
     before = finished(trials(cwd, name))
-    return f"{line[:110]}...; {invariants(cwd, name, before).line()}"
-
-
-CASES["disk_full_trials_csv"] = lambda cwd: _plot_full(cwd, 1_000, "trials.csv")
-CASES["disk_full_figure"] = lambda cwd: _plot_full(cwd, 12_000, ".png")
+    return f"{' / '.join(lines)}...; {invariants(cwd, name, before).line()}"
 
 
 @case("journal_torn_last_record")
@@ -342,6 +344,7 @@ def journal_torn_last_record(cwd: Path) -> str:
     journal = cwd / "results" / name / "optuna.journal"
     with open(journal, "ab") as f:
         f.write(b'{"op_code":6,"worker_id":"torn","trial_id":0,"user_attr":{"x"')
+    clear_outputs(cwd, name)
     r = start("spartune-sweep", args, cwd)
     rc = r.wait()
     err = r.stderr()
@@ -349,7 +352,7 @@ def journal_torn_last_record(cwd: Path) -> str:
     check(rc == 0, f"the rerun exited {rc}: {last_line(err)}")
     warns = [line for line in err.splitlines() if "torn last record" in line]
     check(len(warns) == 1, f"{len(warns)} warning lines about the torn record:\n{err[-600:]}")
-    return f"{warns[0][:90]}...; {invariants(cwd, name, before).line()}"
+    return f"{warns[0][:90]}...; {invariants(cwd, name, before, plot=False).line()}"
 
 
 @case("readers_during_sweep")
@@ -378,4 +381,5 @@ def readers_during_sweep(cwd: Path) -> str:
     rc = p.wait()
     check(rc == 0, f"the sweep exited {rc}: {last_line(p.stderr())}")
     check(rows == sorted(rows), f"trials.csv shrank between snapshots: {rows}")
-    return f"trials.csv rows {rows} while running; {invariants(cwd, name, {}).line()}"
+    out = invariants(cwd, name, {}, plot=False)  # the sweep's own, written at its end
+    return f"trials.csv rows {rows} while running; {out.line()}"
