@@ -30,7 +30,9 @@ Large-target rows (`--modes`, default `compile bf16`; `--quick` runs bf16 only):
 `train.run`, alternating with the other sides. These rows compare the step loop's steady state:
 tokens/s over all steps but the first (`train_seconds - first_step_seconds`), since the first
 compiled step includes the compile itself (tens of seconds on a CPU; reported apart). Goals:
-compile >= 1.1x eager at width 128 on a CPU.
+compile >= 1.1x eager at width 128 on a CPU. `--breakdown` prints instead where the step's
+time goes, phase by phase (`train.phase_times`: LR groups, data, forward+backward, clip,
+optimizer, the loss sync), eager against each mode: what compile can and cannot speed up.
 
 MFU: model FLOPs per token = 6 N + 12 depth seq_len width, with N the weights that enter a
 matmul (12 width^2 per block, plus the vocab x width unembedding; masked weights count, as the
@@ -252,6 +254,33 @@ def measure(width: int, steps: int, rounds: int, corpus: Corpus,
     }
 
 
+def breakdown(width: int, steps: int, corpus: Corpus, threads: int, modes: list[str]) -> None:
+    """Where a step's time goes (`train.phase_times`), eager fp32 and each mode, all steps but
+    the first (which compiles): ms per step of each phase, its share, the ratio to eager.
+    Each mode runs once untimed first (thread pool, compile caches)."""
+    per: dict[str, dict[str, float]] = {}
+    for mode in ["fp32", *modes]:
+        cfg = mode_config(width, steps, threads, mode)
+        train.run(cfg, corpus=corpus)
+        with train.phase_times() as ph:
+            train.run(cfg, corpus=corpus)
+        per[mode] = {k: 1000 * sum(v[1:]) / max(len(v) - 1, 1) for k, v in ph.items()}
+    eager = per["fp32"]
+    rows = []
+    for name in eager:
+        row = [name, eager[name], eager[name] / sum(eager.values())]
+        for mode in modes:
+            row += [per[mode].get(name, math.nan),
+                    eager[name] / per[mode][name] if per[mode].get(name) else math.nan]
+        rows.append(row)
+    rows.append(["step", sum(eager.values()), 1.0,
+                 *[v for m in modes for v in (sum(per[m].values()),
+                                              sum(eager.values()) / sum(per[m].values()))]])
+    print_table(["phase", "eager ms/step", "share",
+                 *[c for m in modes for c in (f"{m} ms/step", f"speed-up ({m})")]], rows,
+                title=f"where the step goes at width {width} ({steps} steps, all but the first)")
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--widths", type=int, nargs="+", default=None)
@@ -261,6 +290,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="*", choices=["compile", "bf16"], default=None,
                    help="large-target rows against eager fp32 (default: compile bf16; "
                         "--quick: bf16)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="only the per-phase table of the step (eager vs --modes), first width")
     add_step_options(p)
     a = p.parse_args()
     configure_process(a.threads, a.denormals)
@@ -274,6 +305,9 @@ def main() -> None:
                   f"{rounds} alternating rounds")
     modes = a.modes if a.modes is not None else (["bf16"] if a.quick else ["compile", "bf16"])
     corpus = load_corpus(bench_config().data)
+    if a.breakdown:
+        breakdown(widths[0], steps[0], corpus, a.threads, modes)
+        return
     peak = matmul_peak(512 if a.quick else 1024)
     rows = [measure(w, s, rounds, corpus, a.threads, modes)
             for w, s in zip(widths, steps, strict=True)]

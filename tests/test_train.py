@@ -127,3 +127,16 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
         train.run(tiny_config(train__steps=20, train__checkpoint_every=10, optim__lr=0.5),
                   out_dir=tmp_path)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before  # nothing stored is lost
+
+
+def test_phase_times_account_for_every_step_and_only_when_asked():
+    """`phase_times` records each phase once per step, the phases fit inside the step time the
+    run reports, and outside it nothing is recorded (the spans are a shared no-op)."""
+    cfg = tiny_config(train__steps=5, train__eval_every=5)
+    with train.phase_times() as ph:
+        m = train.run(cfg)
+    assert set(ph) == {"lr_groups", "data", "forward_backward", "clip", "optimizer",
+                       "loss_item"}
+    assert all(len(v) == 5 for v in ph.values())
+    assert 0 < sum(map(sum, ph.values())) <= m["train_seconds"]
+    assert train._PHASES is None and train.phase("x") is train.phase("y")

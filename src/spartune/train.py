@@ -21,7 +21,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,40 @@ def autocast(device: torch.device, precision: str) -> Any:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+_PHASES: dict[str, list[float]] | None = None  # set inside `phase_times()`
+_NO_PHASE = contextlib.nullcontext()
+
+
+def phase(name: str) -> Any:
+    """A named span of the training step, timed only inside `phase_times()`: where a step's
+    time goes (benchmarks/trainer_throughput.py --breakdown). Otherwise a shared no-op.
+    On a CPU every op is synchronous, so wall time per span is exact; on a GPU the spans see
+    launch time, and the wait lands in `loss_item` (the step's one host sync)."""
+    if _PHASES is None:
+        return _NO_PHASE
+    return _timed_phase(name, _PHASES)
+
+
+@contextlib.contextmanager
+def _timed_phase(name: str, into: dict[str, list[float]]) -> Iterator[None]:
+    tic = time.perf_counter()
+    try:
+        yield
+    finally:
+        into.setdefault(name, []).append(time.perf_counter() - tic)
+
+
+@contextlib.contextmanager
+def phase_times() -> Iterator[dict[str, list[float]]]:
+    """Record every step phase's seconds (one entry per step, in order) while inside."""
+    global _PHASES
+    _PHASES = {}
+    try:
+        yield _PHASES
+    finally:
+        _PHASES = None
 
 
 def compile_model(net: torch.nn.Module) -> torch.nn.Module:
@@ -331,33 +365,39 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
     try:
         for step in range(start + 1, t.steps + 1):
             tic = time.perf_counter()
-            factor = lr_factor(step - 1, t.steps, o)
-            for g in opt.param_groups:
-                g["lr"] = o.lr * factor * g["lr_mult"]  # STYLE rule 5: groups multiply the base
-            x, y = s.corpus.train_batch(t.batch_size, t.seq_len, data_gen)
-            x, y = distributed.shard(x, d), distributed.shard(y, d)
-            opt.zero_grad(set_to_none=True)
-            if t.compile and step == start + 1:
-                try:  # the first call compiles: a failure is the user's to switch off
+            with phase("lr_groups"):
+                factor = lr_factor(step - 1, t.steps, o)
+                for g in opt.param_groups:
+                    g["lr"] = o.lr * factor * g["lr_mult"]  # STYLE rule 5: groups x the base
+            with phase("data"):
+                x, y = s.corpus.train_batch(t.batch_size, t.seq_len, data_gen)
+                x, y = distributed.shard(x, d), distributed.shard(y, d)
+                opt.zero_grad(set_to_none=True)
+            with phase("forward_backward"):
+                if t.compile and step == start + 1:
+                    try:  # the first call compiles: a failure is the user's to switch off
+                        loss = forward_backward(x, y)
+                    except (KeyboardInterrupt, ConfigError):
+                        raise
+                    except Exception as e:
+                        raise compile_error(e) from None
+                else:
                     loss = forward_backward(x, y)
-                except (KeyboardInterrupt, ConfigError):
-                    raise
-                except Exception as e:
-                    raise compile_error(e) from None
-            else:
-                loss = forward_backward(x, y)
-            if scaler is not None and o.grad_clip > 0:
-                scaler.unscale_(opt)  # clip the true gradient, not the scaled one
-            if o.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            if scaler is not None:
-                before = scaler.get_scale()
-                scaler.step(opt)  # skipped when the scaled gradient has an inf or a NaN
-                scaler.update()
-                skipped += scaler.get_scale() < before  # the scale drops exactly on a skip
-            else:
-                opt.step()
-            value = loss.item()  # the one host sync per step: the logged loss
+            with phase("clip"):
+                if scaler is not None and o.grad_clip > 0:
+                    scaler.unscale_(opt)  # clip the true gradient, not the scaled one
+                if o.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            with phase("optimizer"):
+                if scaler is not None:
+                    before = scaler.get_scale()
+                    scaler.step(opt)  # skipped when the scaled gradient has an inf or a NaN
+                    scaler.update()
+                    skipped += scaler.get_scale() < before  # the scale drops on a skip
+                else:
+                    opt.step()
+            with phase("loss_item"):
+                value = loss.item()  # the one host sync per step: the logged loss
             train_seconds += time.perf_counter() - tic
             if step == start + 1:
                 first_step_seconds = time.perf_counter() - tic  # compiles, when compile is on
