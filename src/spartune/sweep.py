@@ -608,15 +608,16 @@ def _age(t: Any) -> float:
     return (datetime.now() - (t.datetime_start or datetime.now())).total_seconds()
 
 
-def _unjudged(study: optuna.Study, cfg: Config) -> bool:
-    """Does a RUNNING trial of this cell hold its point without a sign of life either way?
+def _untagged(study: optuna.Study, cfg: Config) -> bool:
+    """Does a RUNNING trial of this cell hold its point with no worker tag (a database only)?
 
-    Only on a database: an untagged trial younger than `UNTAGGED_GRACE` may be a live worker's
-    between `ask` and its tag, or a dead one's (its worker lost the storage there). A rerun
-    waits it out rather than end with that point undone."""
+    Younger than `UNTAGGED_GRACE` it may be a live worker's, between `ask` and its tag, or a
+    dead one's (its worker lost the storage there); older, it is an orphan. A worker with
+    nothing else to do in the cell waits it out and recovers it, rather than end with that
+    point undone."""
     if not cfg.study.storage:
         return False
-    return any("worker" not in t.user_attrs and _age(t) <= UNTAGGED_GRACE
+    return any("worker" not in t.user_attrs
                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
@@ -743,11 +744,12 @@ def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
                 return ran
             got = run_next(study, cfg, cell, lambda study=study: _may_ask(study, cfg, total))
             if got is None:
-                if not _unjudged(study, cfg):
+                if not _untagged(study, cfg):
                     break
-                time.sleep(1.0)  # until that trial is tagged, ends, or is failed as an orphan
                 with _ask_lock(cfg):
-                    recover(study, cfg)
+                    queued = recover(study, cfg)  # an old one: failed, its point queued
+                if not queued:
+                    time.sleep(1.0)  # a young one: until it is tagged, ends or grows old
                 continue
             if got:
                 ran += 1
