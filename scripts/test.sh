@@ -41,7 +41,8 @@ install_postgresql || true
 SPARTUNE_EXTRAS=test,postgres,all source scripts/_install.sh
 export MPLBACKEND=Agg
 set +e
-.venv/bin/python -m pytest "$@"
+# --durations: the slowest tests, printed at the end, keep the 30-minute budget in view
+.venv/bin/python -m pytest --durations=25 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -81,7 +81,8 @@ def _kill_rerun(cwd: Path, workers: int, url: str | None = None, machines: int =
     args = sweep_args(name, workers=workers, storage=url, steps=steps)
     procs = [start("spartune-sweep", args, cwd) for _ in range(machines)]
     running = min(2, workers)
-    before = finished(wait_for(cwd, name, mid_grid(1, running), procs, url=url))
+    point = mid_grid(1, running, more=machines * workers < 4)
+    before = finished(wait_for(cwd, name, point, procs, url=url))
     for p in procs:
         p.kill_group()
         p.wait()

@@ -181,12 +181,14 @@ def wait_for(cwd: Path, name: str, pred, procs: list[Proc], *, url: str | None =
     raise CaseFailed(f"timed out waiting: {dict(states(trials(cwd, name, url)))}")
 
 
-def mid_grid(min_complete: int = 1, running: int = 1):
-    """A fault point: some trials done, `running` of them running, more still to come."""
+def mid_grid(min_complete: int = 1, running: int = 1, more: bool = True):
+    """A fault point: some trials done, `running` of them running, and (`more`) points not
+    yet started. Four machines on a 6-point grid take the last points the instant one trial
+    ends: there `more=False`, and the killed trials are the points left to do."""
     def pred(ts: list[optuna.trial.FrozenTrial]) -> bool:
         s = states(ts)
         return (s["COMPLETE"] >= min_complete and s["RUNNING"] >= running
-                and s["COMPLETE"] + s["RUNNING"] < len(GRID))
+                and (not more or s["COMPLETE"] + s["RUNNING"] < len(GRID)))
     return pred
 
 
