@@ -32,6 +32,7 @@ and skips the unversioned symlinks (GPL -> GPL-3), so no text is counted twice.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
@@ -97,6 +98,7 @@ TRUST_SOURCES = {"baseline": "pystdlib", "corpus_licenses": "common-licenses",
 REFERENCE = ROOT / "results" / "reference" / "science" / "lr_stability_trials.csv"
 # Until abl_baseline has run, the baseline is the science benchmark's own LR runs: the same
 # config (width 128, base 64, 300 steps, seeds 0-2, these HPs), found by its own bracketing.
+WHATIF_W256 = ROOT / "results" / "reference" / "science" / "whatif_width256_output.txt"
 REFERENCE_WHAT = "baseline: the science benchmark's SμPar LR runs (results/reference/science)"
 REFERENCE_CMD = ("python benchmarks/science.py   # commit 7934ab6, 2026-11-22; SμPar rows of "
                  "results/reference/science/lr_stability_trials.csv")
@@ -212,6 +214,24 @@ def tokens(ab: Ablation, scale: Scale) -> int:
             * int(o.get("train.seq_len", 64)))
 
 
+def whatif_width256(n_tokens: int) -> pd.DataFrame:
+    """SμPar's optima in the science benchmark's width-256 what-if (densities 1 and 1/4, 3
+    seeds). Only its printed output is tracked, so these rows have no interval or curvature."""
+    text = WHATIF_W256.read_text().split("fitted optimum log2(lr)", 1)[1]
+    found = {}
+    for line in text.splitlines()[1:]:
+        m = re.match(r"^\s*([0-9.]+)\s+(-?[0-9.]+)\s*$", line)
+        if m:
+            found[float(m[1])] = float(m[2])
+        elif line.startswith("  ("):
+            break
+    dense = found[1.0]
+    return pd.DataFrame([{"source": "whatif_width256", "corpus": "pystdlib", "param": "supar",
+                          "width": 256, "base_width": 64, "density": d, "tokens": n_tokens,
+                          "n_seeds": 3, "opt_log2_lr": o, "offset": o - dense}
+                         for d, o in found.items()], columns=trust.COLUMNS)
+
+
 def write_trust_data(path: Path, out: Path, scale: Scale) -> None:
     """The rule's rows: the science benchmark's reference LR runs (SP, µP, SμPar) and every
     recipe-keeping ablation that has run (TRUST_SOURCES)."""
@@ -222,6 +242,7 @@ def write_trust_data(path: Path, out: Path, scale: Scale) -> None:
         if got is not None:
             parts.append(trust.measure(got[0], source=f"ablation_{name}", corpus=corpus,
                                        tokens=tokens(BY_NAME[name], scale)))
+    parts.append(whatif_width256(tokens(BY_NAME["baseline"], scale)))
     df = trust.write_data(parts, path)
     print(f"wrote {path} ({len(df)} rows)")
 

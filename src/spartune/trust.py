@@ -75,6 +75,12 @@ MEASURED: tuple[tuple, ...] = (
      -5.2859, -5.3822, -5.0053, 0.3352, 3.022, 2.2315),
     ('science_reference', 'pystdlib', 'supar', 128, 64, 1.0, 307200, 3,
      -5.6211, -5.7992, -5.5309, 0.0, 1.742, 2.2377),
+    ('ablation_corpus_licenses', 'common-licenses', 'supar', 128, 64, 1.0, 307200, 3,
+     -6.2227, -6.4629, -6.1177, 0.0, 3.4217, 2.2718),
+    ('whatif_width256', 'pystdlib', 'supar', 256, 64, 1.0, 307200, 3,
+     -5.63, math.nan, math.nan, 0.0, math.nan, math.nan),
+    ('whatif_width256', 'pystdlib', 'supar', 256, 64, 0.25, 307200, 3,
+     -5.23, math.nan, math.nan, 0.4, math.nan, math.nan),
 )
 
 
