@@ -207,6 +207,30 @@ def spread_line(df: pd.DataFrame, n_densities: int) -> str:
     return f"{first['ablation']}: spread {spread}{part}; optimum log2 lr per density: {optima}"
 
 
+def markdown(table: pd.DataFrame, densities: tuple[float, ...]) -> str:
+    """The README's table: one row per ablation, the optimum [interval] per density, spread."""
+    head = ["ablation", *(plot.density_text(d) if d < 1 else "1" for d in densities),
+            "spread (octaves)", "runs"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, g in table.groupby("ablation", sort=False):
+        by_d = g.set_index("density")
+        cells = []
+        for d in densities:
+            if d not in by_d.index:
+                cells.append("not run")
+                continue
+            r = by_d.loc[d]
+            mark = "" if r["counted"] else " (not counted)"
+            cells.append(f"{r['optimum_log2_lr']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}]{mark}"
+                         if pd.notna(r["lo"]) else f"{r['optimum_log2_lr']:+.2f}{mark}")
+        first = g.iloc[0]
+        spread = "n/a" if pd.isna(first["spread"]) else (
+            f"**{first['spread']:.2f}** [{first['spread_lo']:.2f}, {first['spread_hi']:.2f}]")
+        runs = int(g["runs"].sum())
+        out.append("| " + " | ".join([f"{name}", *cells, spread, str(runs)]) + " |")
+    return "\n".join(out)
+
+
 def tokens(ab: Ablation, scale: Scale) -> int:
     """Training tokens of one run of the ablation (steps x batch x sequence length)."""
     o = dict(kv.split("=", 1) for kv in ab.overrides if "=" in kv)
@@ -311,9 +335,11 @@ def main() -> None:
         table = pd.concat(rows, ignore_index=True)
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "ablations.csv", index=False, float_format="%.4f")
+        (out / "ablations.md").write_text(markdown(table, FULL.densities if not a.quick
+                                                   else scale.densities) + "\n")
         fig = plot.ablation_optima(table)
         paths = plot.save(fig, out / "ablation_optima")
-        print(f"wrote {out / 'ablations.csv'}, {paths[0]}")
+        print(f"wrote {out / 'ablations.csv'}, {out / 'ablations.md'}, {paths[0]}")
     if a.trust_data:
         write_trust_data(a.trust_data, out, scale)
     if failed:

@@ -69,6 +69,9 @@ def test_summary_has_the_optimum_interval_and_spread_per_density() -> None:
     assert (df["lo"] <= df["optimum_log2_lr"]).all() and (df["hi"] >= df["optimum_log2_lr"]).all()
     line = ablations.spread_line(df, 2)
     assert line.startswith("x: spread 0.50 octaves") and "partial" not in line
+    md = ablations.markdown(df, (1.0, 0.25, 0.015625)).splitlines()
+    assert md[0] == "| ablation | 1 | 2⁻² | 2⁻⁶ | spread (octaves) | runs |"
+    assert md[2].startswith("| x | -5.80 [") and "| not run |" in md[2] and "**0.50**" in md[2]
     # a density that not every seed has reached yet is shown but not counted
     part = ablations.summarise("x", pd.concat([_trials({1.0: -5.8}),
                                                _trials({0.25: -5.5}, seeds=(0,))]), 4, 3)
