@@ -35,7 +35,7 @@ def test_offset_is_linear_in_log2_density_and_regret_is_the_parabola() -> None:
     assert (r["trust_offset_lo"], r["trust_offset_hi"]) == pytest.approx((0.5, 0.7))
     assert r["trust_regret_pct"] == pytest.approx(2.0 * 0.6**2)
     assert r["trust_check"] and "beyond the measured noise (0.10" in r["trust_reasons"]
-    assert "1 cells" not in r["trust_data"] and "3 cells: widths 128-128" in r["trust_data"]
+    assert r["trust_data"].startswith("supar: 3 cells, widths 128-128, densities 0.0625-1")
 
 
 def test_a_target_inside_the_data_with_no_offset_is_trusted() -> None:
@@ -54,6 +54,12 @@ def test_extrapolation_is_flagged_and_follows_the_last_segment() -> None:
     assert "weights per neuron" not in few["trust_reasons"]
     fewer = trust.predict("supar", 64, 0.0625, 1000, ROWS)  # 4
     assert "4 weights per neuron (< 8)" in fewer["trust_reasons"]
+
+
+def test_no_regret_is_guessed_beyond_the_parabolas_span() -> None:
+    r = trust.predict("supar", 128, 1 / 256, 1000, ROWS)  # 0.8 + 4 x 0.2 = 1.6 octaves
+    assert r["trust_offset_octaves"] == pytest.approx(1.6)
+    assert math.isnan(r["trust_regret_pct"]) and "regret not estimated" in r["trust_reasons"]
 
 
 def test_a_param_without_data_asks_for_a_check() -> None:
@@ -120,3 +126,4 @@ def test_the_plan_carries_the_rule_per_target() -> None:
     assert sum("uncertain: rerun with transfer.check=true" in t for t in text) == 2
     assert any("within the measured range" in t for t in text)
     assert "checked by this run" in "\n".join(trust.lines(plan, checked=True))
+    assert sum(t.startswith("  (rule data, ") for t in text) == 2  # one per param

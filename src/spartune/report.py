@@ -105,8 +105,9 @@ def _trust_section(plan: pd.DataFrame) -> list[str]:
     return ["### Transfer trust (measured rule, `spartune.trust`)", "",
             "Expected offset of each target's own optimal LR from the transferred one (> 0: the "
             "target wants a higher LR) and the loss that costs; `check` True: rerun with "
-            "`transfer.check=true` to measure it. Data: " + str(per["trust_data"].iloc[0])
-            + f" ({trust.DATA_FILE}).", "", _md_table(shown.reset_index(drop=True)), ""]
+            "`transfer.check=true` to measure it. Data, in "
+            f"`{trust.DATA_FILE}`: " + "; ".join(dict.fromkeys(per["trust_data"])) + ".", "",
+            _md_table(shown.reset_index(drop=True)), ""]
 
 
 def pipeline_report(*, out_dir: Path, chosen: dict, plan: pd.DataFrame, proxy: pd.DataFrame,

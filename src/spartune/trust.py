@@ -17,7 +17,8 @@ The rule (`predict`), for a target (width, density, tokens):
 - expected offset: the mean of the measured offsets at each density, linear in log2(density)
   between measured densities, extended along the last measured segment outside them;
 - expected regret: curvature x offset^2 (the parabola the optimum is fitted with), the
-  curvature interpolated the same way;
+  curvature interpolated the same way; only within the parabola's span (PARABOLA_SPAN
+  octaves, the grid step around the optimum): further out it is NaN, not a guess;
 - uncertain (recommend `transfer.check=true`) when the target lies outside the measured
   widths, densities or tokens, keeps fewer than 8 weights per neuron in a hidden layer
   (SUPAR.md §2.3: the law-of-large-numbers argument is weak there), or the expected offset
@@ -40,6 +41,7 @@ import pandas as pd
 from spartune import analysis
 
 MIN_WEIGHTS_PER_NEURON = 8  # below this the transfer is flagged (as model.py warns)
+PARABOLA_SPAN = 1.0  # octaves: the curvature is measured between the optimum's neighbours
 COLUMNS = ["source", "corpus", "param", "width", "base_width", "density", "tokens", "n_seeds",
            "opt_log2_lr", "lo_log2_lr", "hi_log2_lr", "offset", "curvature_pct", "opt_loss"]
 # What the rule adds to each row of transfer_plan.csv.
@@ -207,12 +209,16 @@ def predict(param: str, width: int, density: float, tokens: int,
     eps = noise(rows)
     if math.isfinite(eps) and abs(offset) > eps:
         reasons.append(f"expected offset beyond the measured noise ({eps:.2f} octave)")
+    regret = curv * offset**2 if math.isfinite(curv) else math.nan
+    if abs(offset) > PARABOLA_SPAN:
+        regret = math.nan
+        reasons.append(f"offset beyond the fitted parabola's {PARABOLA_SPAN:g} octave: regret "
+                       "not estimated")
     corpora = sorted(set(rows["corpus"]))
     return {"trust_offset_octaves": offset, "trust_offset_lo": min(lo, offset),
-            "trust_offset_hi": max(hi, offset),
-            "trust_regret_pct": curv * offset**2 if math.isfinite(curv) else math.nan,
+            "trust_offset_hi": max(hi, offset), "trust_regret_pct": regret,
             "trust_check": bool(reasons), "trust_reasons": "; ".join(reasons),
-            "trust_data": (f"{len(rows)} cells: widths {w_lo}-{w_hi}, densities "
+            "trust_data": (f"{param}: {len(rows)} cells, widths {w_lo}-{w_hi}, densities "
                            f"{d_lo:g}-{d_hi:g}, tokens {_span(t_lo, t_hi)}, "
                            f"corpora {'+'.join(corpora)}")}
 
@@ -239,9 +245,11 @@ def lines(plan: pd.DataFrame, checked: bool) -> list[str]:
         if not math.isfinite(r["trust_offset_octaves"]):
             head = f"trust {p} width={w} density={d:g}: no measured rule"
         else:
+            regret = r["trust_regret_pct"]
             head = (f"trust {p} width={w} density={d:g}: expected LR offset "
                     f"{r['trust_offset_octaves']:+.2f} octaves [{r['trust_offset_lo']:+.2f}, "
-                    f"{r['trust_offset_hi']:+.2f}], regret ~{r['trust_regret_pct']:.2f}%")
+                    f"{r['trust_offset_hi']:+.2f}], regret "
+                    + (f"~{regret:.2f}%" if math.isfinite(regret) else "not estimated"))
         if r["trust_check"]:
             tail = ("checked by this run (transfer.check=true)" if checked else
                     "uncertain: rerun with transfer.check=true")
@@ -249,8 +257,8 @@ def lines(plan: pd.DataFrame, checked: bool) -> list[str]:
         else:
             head += "; within the measured range"
         out.append(head)
-    if len(plan):
-        out.append(f"  (rule data: {plan['trust_data'].iloc[0]}; {DATA_FILE})")
+    for text in dict.fromkeys(plan["trust_data"]):
+        out.append(f"  (rule data, {text}; {DATA_FILE})")
     return out
 
 
