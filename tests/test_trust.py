@@ -29,7 +29,7 @@ def _rows(offsets: dict[float, float], *, width: int = 128, tokens: int = 1000,
 ROWS = _rows({1.0: 0.0, 0.25: 0.4, 0.0625: 0.8})
 
 
-def test_offset_is_linear_in_log2_density_and_regret_is_the_parabola() -> None:
+def test_offset_is_linear_in_log2_density_and_regret_is_quadratic() -> None:
     r = trust.predict("supar", 128, 0.125, 1000, ROWS)  # halfway between 1/4 and 1/16
     assert r["trust_offset_octaves"] == pytest.approx(0.6)
     assert (r["trust_offset_lo"], r["trust_offset_hi"]) == pytest.approx((0.5, 0.7))
@@ -56,7 +56,7 @@ def test_extrapolation_is_flagged_and_follows_the_last_segment() -> None:
     assert "4 weights per neuron (< 8)" in fewer["trust_reasons"]
 
 
-def test_no_regret_is_guessed_beyond_the_parabolas_span() -> None:
+def test_no_regret_is_guessed_beyond_the_measured_span() -> None:
     r = trust.predict("supar", 128, 1 / 256, 1000, ROWS)  # 0.8 + 4 x 0.2 = 1.6 octaves
     assert r["trust_offset_octaves"] == pytest.approx(1.6)
     assert math.isnan(r["trust_regret_pct"]) and "regret not estimated" in r["trust_reasons"]
@@ -94,7 +94,10 @@ def test_measure_finds_the_offsets_and_the_curvature() -> None:
     assert list(rows.columns) == trust.COLUMNS
     sparse = rows[rows["density"] == 0.25].iloc[0]
     assert sparse["offset"] == pytest.approx(0.5, abs=0.02)
-    assert sparse["curvature_pct"] == pytest.approx(100 * 0.05 / 2.0, rel=0.1)
+    # the rise to the lower neighbour (-6 -> -7 around a minimum at -6 for truth -5.8):
+    # 0.05 ((-7 + 5.8)^2 - (-6 + 5.8)^2) / 1^2, over the loss at -6
+    rise = 0.05 * ((-7 + 5.8) ** 2 - (-6 + 5.8) ** 2)
+    assert sparse["curvature_pct"] == pytest.approx(100 * rise / (2.0 + 0.05 * 0.04), rel=1e-3)
     assert (rows["tokens"] == 10).all() and (rows["n_seeds"] == 3).all()
     assert (rows["lo_log2_lr"] <= rows["opt_log2_lr"]).all()
     # a cell with fewer seeds than asked for is left out (it has no interval to judge it by)

@@ -10,15 +10,16 @@ The data (`MEASURED`, one row per measured cell, recorded in
 results/reference/trust/trust_data.csv and rebuilt from the runs by `measure`): per
 (param, width, density, tokens, corpus), the cell's optimal log2 LR with its 95% bootstrap
 interval over seeds (analysis.optima), its `offset` from the dense optimum of the same width,
-recipe and corpus (> 0: the target wants a higher LR than the dense model), and the loss
-curve's curvature at the optimum in % of the loss per octave squared.
+recipe and corpus (> 0: the target wants a higher LR than the dense model), and how fast the
+loss rises below the optimum, in % of the loss per octave squared.
 
 The rule (`predict`), for a target (width, density, tokens):
 - expected offset: the mean of the measured offsets at each density, linear in log2(density)
   between measured densities, extended along the last measured segment outside them;
-- expected regret: curvature x offset^2 (the parabola the optimum is fitted with), the
-  curvature interpolated the same way; only within the parabola's span (PARABOLA_SPAN
-  octaves, the grid step around the optimum): further out it is NaN, not a guess;
+- expected regret: curvature x offset^2, the curvature (the loss's rise below the optimum,
+  where a too-low transferred LR falls) interpolated the same way; only within the span it is
+  measured over (PARABOLA_SPAN octaves, the grid step around the optimum): further out it is
+  NaN, not a guess;
 - uncertain (recommend `transfer.check=true`) when the target lies outside the measured
   widths, densities or tokens, keeps fewer than 8 weights per neuron in a hidden layer
   (SUPAR.md §2.3: the law-of-large-numbers argument is weak there), or the expected offset
@@ -54,31 +55,37 @@ DATA_FILE = "results/reference/trust/trust_data.csv"
 # `python benchmarks/ablations.py --trust-data`.
 MEASURED: tuple[tuple, ...] = (
     ('science_reference', 'pystdlib', 'mup', 128, 64, 0.015625, 307200, 3,
-     -3.0568, -3.2361, -2.6249, 2.5642, 1.5638, 2.4337),
+     -3.0568, -3.2361, -2.6249, 2.5642, 1.386, 2.4337),
     ('science_reference', 'pystdlib', 'mup', 128, 64, 0.0625, 307200, 3,
-     -3.0705, -3.2656, -2.9228, 2.5506, 2.5275, 2.3208),
+     -3.0705, -3.2656, -2.9228, 2.5506, 1.8145, 2.3208),
     ('science_reference', 'pystdlib', 'mup', 128, 64, 0.25, 307200, 3,
-     -3.8871, -4.1406, -3.7802, 1.734, 2.2872, 2.305),
+     -3.8871, -4.1406, -3.7802, 1.734, 3.3203, 2.305),
     ('science_reference', 'pystdlib', 'mup', 128, 64, 1.0, 307200, 3,
-     -5.6211, -5.7992, -5.5309, 0.0, 1.742, 2.2377),
+     -5.6211, -5.7992, -5.5309, 0.0, 0.8982, 2.2377),
     ('science_reference', 'pystdlib', 'sp', 128, 64, 0.015625, 307200, 3,
-     -3.5147, -3.8704, -3.3233, 3.1657, 1.7407, 2.4246),
+     -3.5147, -3.8704, -3.3233, 3.1657, 1.6381, 2.4246),
     ('science_reference', 'pystdlib', 'sp', 128, 64, 0.0625, 307200, 3,
-     -3.9879, -4.1672, -3.7865, 2.6925, 5.8114, 2.3148),
+     -3.9879, -4.1672, -3.7865, 2.6925, 6.0926, 2.3148),
     ('science_reference', 'pystdlib', 'sp', 128, 64, 0.25, 307200, 3,
-     -5.3308, -5.5018, -5.1562, 1.3496, 4.2439, 2.2647),
+     -5.3308, -5.5018, -5.1562, 1.3496, 7.1158, 2.2647),
     ('science_reference', 'pystdlib', 'sp', 128, 64, 1.0, 307200, 3,
-     -6.6805, -7.0027, -6.593, 0.0, 3.5675, 2.5212),
+     -6.6805, -7.0027, -6.593, 0.0, 0.9925, 2.5212),
     ('science_reference', 'pystdlib', 'supar', 128, 64, 0.015625, 307200, 3,
-     -4.9931, -5.1025, -4.5488, 0.6279, 1.501, 2.4779),
+     -4.9931, -5.1025, -4.5488, 0.6279, 1.5421, 2.4779),
     ('science_reference', 'pystdlib', 'supar', 128, 64, 0.0625, 307200, 3,
-     -5.104, -5.1482, -4.9311, 0.5171, 2.1835, 2.3191),
+     -5.104, -5.1482, -4.9311, 0.5171, 1.2752, 2.3191),
     ('science_reference', 'pystdlib', 'supar', 128, 64, 0.25, 307200, 3,
-     -5.2859, -5.3822, -5.0053, 0.3352, 3.022, 2.2315),
+     -5.2859, -5.3822, -5.0053, 0.3352, 5.6101, 2.2315),
     ('science_reference', 'pystdlib', 'supar', 128, 64, 1.0, 307200, 3,
-     -5.6211, -5.7992, -5.5309, 0.0, 1.742, 2.2377),
+     -5.6211, -5.7992, -5.5309, 0.0, 0.8982, 2.2377),
+    ('ablation_corpus_licenses', 'common-licenses', 'supar', 128, 64, 0.015625, 307200, 3,
+     -5.2121, -5.6263, -5.1027, 1.0106, 1.9318, 2.6397),
+    ('ablation_corpus_licenses', 'common-licenses', 'supar', 128, 64, 0.0625, 307200, 3,
+     -4.629, -4.8268, -4.5099, 1.5936, 9.6744, 2.3383),
+    ('ablation_corpus_licenses', 'common-licenses', 'supar', 128, 64, 0.25, 307200, 3,
+     -5.5728, -5.9591, -5.0, 0.6499, 2.9921, 2.28),
     ('ablation_corpus_licenses', 'common-licenses', 'supar', 128, 64, 1.0, 307200, 3,
-     -6.2227, -6.4629, -6.1177, 0.0, 3.4217, 2.2718),
+     -6.2227, -6.4629, -6.1177, 0.0, 1.898, 2.2718),
     ('whatif_width256', 'pystdlib', 'supar', 256, 64, 1.0, 307200, 3,
      -5.63, math.nan, math.nan, 0.0, math.nan, math.nan),
     ('whatif_width256', 'pystdlib', 'supar', 256, 64, 0.25, 307200, 3,
@@ -131,10 +138,14 @@ def measure(trials: pd.DataFrame, *, source: str, corpus: str, tokens: int,
 
 
 def _curvatures(trials: pd.DataFrame) -> dict[tuple, float]:
-    """Per cell: 100 x the parabola's second derivative / 2 at the optimum, over the loss.
+    """Per cell: how fast the loss rises below the optimum, in % of the loss per octave^2.
 
-    From the seed-mean loss at the points every seed ran: the argmin and its nearest
-    neighbours, so regret ~ curvature_pct x (octaves off)^2 in % of the best loss.
+    From the seed-mean loss at the points every seed ran: the rise from the argmin to its
+    lower neighbour over their distance squared, over the argmin's loss. The lower side,
+    because every measured offset is > 0 (the target wants a higher LR than the transferred
+    one, so the transferred LR falls below the target's optimum), and the two sides differ:
+    the loss climbs steeply towards the stability edge above the optimum and gently below it.
+    regret ~ curvature_pct x offset^2.
     """
     grid = analysis.loss_grid(trials, "lr", by=["param", "width", "density"])
     grid = grid[~grid["diverged"].astype(bool)]
@@ -143,12 +154,9 @@ def _curvatures(trials: pd.DataFrame) -> dict[tuple, float]:
         g = g[g["n"] == g["n"].max()].sort_values("log2_lr")
         xs, ys = g["log2_lr"].to_numpy(float), g["mean"].to_numpy(float)
         i = int(np.argmin(ys)) if len(ys) else 0
-        if len(ys) < 3 or i in (0, len(ys) - 1):
+        if len(ys) < 2 or i == 0:
             continue
-        (x0, x1, x2), (y0, y1, y2) = xs[i - 1:i + 2], ys[i - 1:i + 2]
-        a = ((y2 - y1) / (x2 - x1) - (y1 - y0) / (x1 - x0)) / (x2 - x0)
-        if a > 0:
-            out[key] = 100.0 * a / y1
+        out[key] = 100.0 * (ys[i - 1] - ys[i]) / (xs[i] - xs[i - 1]) ** 2 / ys[i]
     return out
 
 
@@ -212,8 +220,8 @@ def predict(param: str, width: int, density: float, tokens: int,
     regret = curv * offset**2 if math.isfinite(curv) else math.nan
     if abs(offset) > PARABOLA_SPAN:
         regret = math.nan
-        reasons.append(f"offset beyond the fitted parabola's {PARABOLA_SPAN:g} octave: regret "
-                       "not estimated")
+        reasons.append(f"offset beyond the {PARABOLA_SPAN:g} octave the curvature is measured "
+                       "over: regret not estimated")
     corpora = sorted(set(rows["corpus"]))
     return {"trust_offset_octaves": offset, "trust_offset_lo": min(lo, offset),
             "trust_offset_hi": max(hi, offset), "trust_regret_pct": regret,
