@@ -32,8 +32,9 @@ def test_benchmark_quick_runs_and_prints_its_verdict(name: str, tmp_path: Path) 
 
 
 # Scripts in benchmarks/ that are not ratio benchmarks: science.py drives the paper's
-# experiments (tests/test_science.py covers it) and prints no verdict line.
-NOT_RATIO = {"science"}
+# experiments (tests/test_science.py covers it), ablations.py its what-ifs
+# (tests/test_ablations.py); neither prints a verdict line.
+NOT_RATIO = {"science", "ablations"}
 
 
 def test_every_script_is_listed() -> None:

@@ -3,10 +3,11 @@ the end-to-end pipeline on its smoke preset."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from conftest import cli, tiny_config
-from spartune import collect, params, sweep, transfer
+from spartune import collect, params, sweep, transfer, trust
 from spartune.config import ConfigError, SearchDim
 
 
@@ -58,7 +59,8 @@ def test_transfer_runs_targets_with_a_check_grid(tmp_path):
     assert target["lr"].tolist() == pytest.approx([res["chosen"]["lr"]] * 6)
     assert set(trials["base_width"]) == {32}
     assert (tmp_path / "targets" / "trials.csv").is_file()
-    assert (tmp_path / "targets" / "transfer_plan.csv").is_file()
+    plan = pd.read_csv(tmp_path / "targets" / "transfer_plan.csv")
+    assert set(trust.PLAN_COLUMNS) <= set(plan.columns)  # the trust rule, per target
 
 
 def _bowl(minimum: float):
@@ -152,7 +154,7 @@ def test_pipeline_smoke_end_to_end(workdir):
     assert r.returncode == 0, r.stderr[-2000:]
     out = workdir / "results" / "pipeline"
     report = (out / "report.md").read_text()
-    for section in ("Proxy", "Targets", "Verdict", "Figures"):
+    for section in ("Proxy", "Targets", "Transfer trust", "Verdict", "Figures"):
         assert section in report
     for fig in ("loss_vs_density", "training_curves"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 10_000

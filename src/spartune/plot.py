@@ -392,3 +392,47 @@ def _best_curve(df: pd.DataFrame) -> pd.Series | None:
         if best is None or final < best_final:
             best, best_final = mean, final
     return best
+
+
+def ablation_optima(table: pd.DataFrame) -> Figure:
+    """Optimal log2 LR vs density, one line per ablation (issue 17's ablation figure).
+
+    `table` has one row per ablation x density: ablation, density, optimum_log2_lr and its
+    interval lo / hi (benchmarks/ablations.py writes it). A flat line is an optimum that
+    transfers across densities; the baseline's drift is the thing the ablations try to move.
+    Bars are the 95% bootstrap intervals over seeds; lines are nudged sideways a little so
+    the bars do not hide each other. A hollow marker is a cell not counted in the spread (not
+    every seed has run, or its minimum sits at the edge of what was tried).
+    """
+    need = {"ablation", "density", "optimum_log2_lr", "lo", "hi"}
+    if table.empty or not need <= set(table.columns):
+        raise ValueError(f"an ablation table needs rows with columns {sorted(need)}")
+    names = list(dict.fromkeys(table["ablation"]))
+    colours = colormaps["tab10"]
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.subplots()
+    width = 0.06 * (len(names) - 1)
+    for i, name in enumerate(names):
+        rows = table[table["ablation"] == name].sort_values("density")
+        x = np.log2(rows["density"].astype(float)) + (i * 0.06 - width / 2 if width else 0.0)
+        y = rows["optimum_log2_lr"].astype(float)
+        err = np.vstack([(y - rows["lo"]).clip(lower=0).fillna(0),
+                         (rows["hi"] - y).clip(lower=0).fillna(0)])
+        c = colours(i % 10)
+        ax.errorbar(x, y, yerr=err, color=c, linewidth=1.6, capsize=2, elinewidth=1,
+                    label=name, marker="none")
+        counted = rows["counted"].astype(bool) if "counted" in rows else pd.Series(
+            True, index=rows.index)
+        ax.plot(x[counted], y[counted], "o", color=c, markersize=4.5, linestyle="none")
+        ax.plot(x[~counted], y[~counted], "o", color=c, markerfacecolor="white",
+                markersize=4.5, linestyle="none")
+    densities = sorted(table["density"].astype(float).unique())
+    ax.set_xticks(np.log2(densities), [density_text(d) if d < 1 else "1" for d in densities])
+    ax.set_xlabel("density ρ (dense at the right)", fontsize=9.5)
+    ax.set_ylabel("optimal log2 η_base (SμPar)", fontsize=9.5)
+    ax.grid(True, alpha=0.3, linewidth=0.6)
+    ax.tick_params(labelsize=8.5)
+    fig.legend(fontsize=8, frameon=False, loc="outside right center")
+    ax.set_title("SμPar's optimal LR vs density, per ablation (bars: 95% over seeds)",
+                 fontsize=10)
+    return fig

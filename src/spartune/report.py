@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from spartune import analysis, plot
+from spartune import analysis, plot, trust
 
 
 def _varied(trials: pd.DataFrame, x: str, role: str) -> bool:
@@ -91,6 +91,25 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+def _trust_section(plan: pd.DataFrame) -> list[str]:
+    """How far to trust each target's transferred LR (trust.py's measured rule)."""
+    if "trust_check" not in plan.columns:
+        return []
+    per = plan.drop_duplicates(["param", "width", "density"])
+    shown = per[["param", "width", "density", "trust_offset_octaves", "trust_offset_lo",
+                 "trust_offset_hi", "trust_regret_pct", "trust_check", "trust_reasons"]]
+    shown = shown.rename(columns={"trust_offset_octaves": "expected LR offset (oct)",
+                                  "trust_offset_lo": "lo", "trust_offset_hi": "hi",
+                                  "trust_regret_pct": "expected regret %",
+                                  "trust_check": "check", "trust_reasons": "why"})
+    return ["### Transfer trust (measured rule, `spartune.trust`)", "",
+            "Expected offset of each target's own optimal LR from the transferred one (> 0: the "
+            "target wants a higher LR) and the loss that costs; `check` True: rerun with "
+            "`transfer.check=true` to measure it. Data, in "
+            f"`{trust.DATA_FILE}`: " + "; ".join(dict.fromkeys(per["trust_data"])) + ".", "",
+            _md_table(shown.reset_index(drop=True)), ""]
+
+
 def pipeline_report(*, out_dir: Path, chosen: dict, plan: pd.DataFrame, proxy: pd.DataFrame,
                     targets: pd.DataFrame, figures: list[Path], seconds: float,
                     command: str) -> Path:
@@ -122,6 +141,7 @@ def pipeline_report(*, out_dir: Path, chosen: dict, plan: pd.DataFrame, proxy: p
         _md_table(plan[plan["layer"].str.startswith("hidden (qkv")]
                   [["param", "width", "density", "m_d", "m_rho", "init_std", "adam_lr"]]),
         "",
+        *_trust_section(plan),
         "## 3. Final validation loss at the transferred HPs",
         "",
     ]

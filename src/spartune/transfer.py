@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from spartune import atomic
+from spartune import atomic, trust
 from spartune.columns import HP_FIELDS
 from spartune.config import Config, ConfigError, SearchDim, check_axes, check_name
 from spartune.params import describe
@@ -136,6 +136,11 @@ def plan(cfg: Config, chosen: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def tokens(cfg: Config) -> int:
+    """Training tokens of one target run: what the trust rule (trust.py) calls tokens."""
+    return cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
+
+
 def format_plan(df: pd.DataFrame) -> str:
     lines = []
     for (p, w, d), g in df.groupby(["param", "width", "density"], sort=False):
@@ -165,7 +170,7 @@ def run(cfg: Config, *, name: str | None = None) -> dict[str, Any]:
                         source=cfg.transfer.source)
     tcfg = target_config(cfg, chosen, name=name or cfg.study.name)
     sweep.validate_study(tcfg)
-    table = plan(tcfg, chosen)
+    table = trust.annotate(plan(tcfg, chosen), tokens(tcfg))
     out_dir = sweep.study_dir(tcfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     hp_text = ", ".join(f"{h}={chosen[h]:.4g} (log2 {math.log2(chosen[h]):+.2f})"
@@ -174,6 +179,7 @@ def run(cfg: Config, *, name: str | None = None) -> dict[str, Any]:
           f"{chosen['proxy_width']}, density {chosen['proxy_density']:g}: val loss "
           f"{chosen['proxy_loss']:.4f}\ntransferred: {hp_text}")
     print(format_plan(table))
+    print("\n".join(trust.lines(table, checked=cfg.transfer.check)))
     with atomic.replacing(out_dir / "transfer_plan.csv") as tmp:
         table.to_csv(tmp, index=False)
     atomic.write_text(out_dir / "transfer.json", json.dumps(chosen, indent=2) + "\n")

@@ -1,0 +1,280 @@
+"""How far to trust a transferred LR: a rule measured on the repo's own stability runs.
+
+Why: SμPar's rules match µP's oracle, yet at CPU scale its optimal LR still climbs as density
+falls (0.63 octaves over densities 1 .. 1/64 in the science benchmark, README "What still
+moves SμPar's optimum"). A user who transfers the proxy's HPs onto a sparse target should know
+how far off the LR is expected to be, what that costs, and when to pay for `transfer.check`
+(a local LR grid at the target). This module turns measured optima into that answer.
+
+The data (`MEASURED`, one row per measured cell, recorded in
+results/reference/trust/trust_data.csv and rebuilt from the runs by `measure`): per
+(param, width, density, tokens, corpus), the cell's optimal log2 LR with its 95% bootstrap
+interval over seeds (analysis.optima), its `offset` from the dense optimum of the same width,
+recipe and corpus (> 0: the target wants a higher LR than the dense model), and how fast the
+loss rises below the optimum, in % of the loss per octave squared.
+
+The rule (`predict`), for a target (width, density, tokens):
+- expected offset: the mean of the measured offsets at each density, linear in log2(density)
+  between measured densities, extended along the last measured segment outside them;
+- expected regret: curvature x offset^2, the curvature (the loss's rise below the optimum,
+  where a too-low transferred LR falls) interpolated the same way; only within the span it is
+  measured over (PARABOLA_SPAN octaves, the grid step around the optimum): further out it is
+  NaN, not a guess;
+- uncertain (recommend `transfer.check=true`) when the target lies outside the measured
+  widths, densities or tokens, keeps fewer than 8 weights per neuron in a hidden layer
+  (SUPAR.md §2.3: the law-of-large-numbers argument is weak there), or the expected offset
+  exceeds the measured noise (the median half-width of the optima's intervals).
+The µP width transfer itself is taken as exact: the dense optima at widths 64 (the proxy),
+128 and 256 agree within 0.02 octave in the reference runs.
+
+No torch here: the transfer plan and the report import it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from spartune import analysis
+
+MIN_WEIGHTS_PER_NEURON = 8  # below this the transfer is flagged (as model.py warns)
+PARABOLA_SPAN = 1.0  # octaves: the curvature is measured between the optimum's neighbours
+COLUMNS = ["source", "corpus", "param", "width", "base_width", "density", "tokens", "n_seeds",
+           "opt_log2_lr", "lo_log2_lr", "hi_log2_lr", "offset", "curvature_pct", "opt_loss"]
+# What the rule adds to each row of transfer_plan.csv.
+PLAN_COLUMNS = ["trust_offset_octaves", "trust_offset_lo", "trust_offset_hi", "trust_regret_pct",
+                "trust_check", "trust_reasons", "trust_data"]
+DATA_FILE = "results/reference/trust/trust_data.csv"
+
+# results/reference/trust/trust_data.csv, inlined so an installed wheel has it too
+# (tests/test_trust.py fails when the two differ). Rebuild both with
+# `python benchmarks/ablations.py --trust-data`.
+MEASURED: tuple[tuple, ...] = (
+    ('science_reference', 'pystdlib', 'mup', 128, 64, 0.015625, 307200, 3,
+     -3.0568, -3.2361, -2.6249, 2.5642, 1.386, 2.4337),
+    ('science_reference', 'pystdlib', 'mup', 128, 64, 0.0625, 307200, 3,
+     -3.0705, -3.2656, -2.9228, 2.5506, 1.8145, 2.3208),
+    ('science_reference', 'pystdlib', 'mup', 128, 64, 0.25, 307200, 3,
+     -3.8871, -4.1406, -3.7802, 1.734, 3.3203, 2.305),
+    ('science_reference', 'pystdlib', 'mup', 128, 64, 1.0, 307200, 3,
+     -5.6211, -5.7992, -5.5309, 0.0, 0.8982, 2.2377),
+    ('science_reference', 'pystdlib', 'sp', 128, 64, 0.015625, 307200, 3,
+     -3.5147, -3.8704, -3.3233, 3.1657, 1.6381, 2.4246),
+    ('science_reference', 'pystdlib', 'sp', 128, 64, 0.0625, 307200, 3,
+     -3.9879, -4.1672, -3.7865, 2.6925, 6.0926, 2.3148),
+    ('science_reference', 'pystdlib', 'sp', 128, 64, 0.25, 307200, 3,
+     -5.3308, -5.5018, -5.1562, 1.3496, 7.1158, 2.2647),
+    ('science_reference', 'pystdlib', 'sp', 128, 64, 1.0, 307200, 3,
+     -6.6805, -7.0027, -6.593, 0.0, 0.9925, 2.5212),
+    ('science_reference', 'pystdlib', 'supar', 128, 64, 0.015625, 307200, 3,
+     -4.9931, -5.1025, -4.5488, 0.6279, 1.5421, 2.4779),
+    ('science_reference', 'pystdlib', 'supar', 128, 64, 0.0625, 307200, 3,
+     -5.104, -5.1482, -4.9311, 0.5171, 1.2752, 2.3191),
+    ('science_reference', 'pystdlib', 'supar', 128, 64, 0.25, 307200, 3,
+     -5.2859, -5.3822, -5.0053, 0.3352, 5.6101, 2.2315),
+    ('science_reference', 'pystdlib', 'supar', 128, 64, 1.0, 307200, 3,
+     -5.6211, -5.7992, -5.5309, 0.0, 0.8982, 2.2377),
+    ('ablation_corpus_licenses', 'common-licenses', 'supar', 128, 64, 0.015625, 307200, 3,
+     -5.2121, -5.6263, -5.1027, 1.0106, 1.9318, 2.6397),
+    ('ablation_corpus_licenses', 'common-licenses', 'supar', 128, 64, 0.0625, 307200, 3,
+     -4.629, -4.8268, -4.5099, 1.5936, 9.6744, 2.3383),
+    ('ablation_corpus_licenses', 'common-licenses', 'supar', 128, 64, 0.25, 307200, 3,
+     -5.5728, -5.9591, -5.0, 0.6499, 2.9921, 2.28),
+    ('ablation_corpus_licenses', 'common-licenses', 'supar', 128, 64, 1.0, 307200, 3,
+     -6.2227, -6.4629, -6.1177, 0.0, 1.898, 2.2718),
+    ('whatif_width256', 'pystdlib', 'supar', 256, 64, 1.0, 307200, 3,
+     -5.63, math.nan, math.nan, 0.0, math.nan, math.nan),
+    ('whatif_width256', 'pystdlib', 'supar', 256, 64, 0.25, 307200, 3,
+     -5.23, math.nan, math.nan, 0.4, math.nan, math.nan),
+)
+
+
+def data() -> pd.DataFrame:
+    """The measured rows the rule is fitted from (`MEASURED`), as a DataFrame."""
+    return pd.DataFrame(list(MEASURED), columns=COLUMNS)
+
+
+def weights_per_neuron(width: int, density: float) -> float:
+    """The fewest non-zero inputs of any hidden neuron: fan-in `width` (qkv, mlp_up, proj).
+
+    The per_row mask keeps round(density x fan-in) per row, at least one; this mirrors
+    sparsity.expected_fan_in for the smallest hidden fan-in without importing torch.
+    """
+    return float(width) if density >= 1 else float(max(1, round(density * width)))
+
+
+def measure(trials: pd.DataFrame, *, source: str, corpus: str, tokens: int,
+            min_seeds: int = 3) -> pd.DataFrame:
+    """Rule rows from one stability study's trials (every param x width x density in it).
+
+    The offset is taken from the density-1 cell of the same param and width in `trials`; a
+    group without one gets offsets NaN (and does not count in the rule). Cells whose minimum
+    sits at the edge of what was tried, or with fewer than `min_seeds` seeds at every point
+    used, are left out: they bound an optimum, or have no interval to judge it by.
+    """
+    ok = trials[trials["state"] == "COMPLETE"]
+    opt = analysis.optima(ok, "lr")
+    curv = _curvatures(ok)
+    rows = []
+    for r in opt.itertuples(index=False):
+        if r.at_edge or not math.isfinite(r.fit_log2_lr) or r.n_seeds < min_seeds:
+            continue
+        dense = opt[(opt["param"] == r.param) & (opt["width"] == r.width)
+                    & (opt["density"] == 1.0)]
+        base = float(dense["fit_log2_lr"].iloc[0]) if len(dense) else math.nan
+        bw = ok.loc[(ok["param"] == r.param) & (ok["width"] == r.width), "base_width"]
+        rows.append({"source": source, "corpus": corpus, "param": r.param, "width": int(r.width),
+                     "base_width": int(bw.iloc[0]), "density": float(r.density),
+                     "tokens": int(tokens), "n_seeds": int(r.n_seeds),
+                     "opt_log2_lr": r.fit_log2_lr, "lo_log2_lr": r.fit_lo_log2_lr,
+                     "hi_log2_lr": r.fit_hi_log2_lr, "offset": r.fit_log2_lr - base,
+                     "curvature_pct": curv.get((r.param, r.width, r.density), math.nan),
+                     "opt_loss": r.opt_loss})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _curvatures(trials: pd.DataFrame) -> dict[tuple, float]:
+    """Per cell: how fast the loss rises below the optimum, in % of the loss per octave^2.
+
+    From the seed-mean loss at the points every seed ran: the rise from the argmin to its
+    lower neighbour over their distance squared, over the argmin's loss. The lower side,
+    because every measured offset is > 0 (the target wants a higher LR than the transferred
+    one, so the transferred LR falls below the target's optimum), and the two sides differ:
+    the loss climbs steeply towards the stability edge above the optimum and gently below it.
+    regret ~ curvature_pct x offset^2.
+    """
+    grid = analysis.loss_grid(trials, "lr", by=["param", "width", "density"])
+    grid = grid[~grid["diverged"].astype(bool)]
+    out = {}
+    for key, g in grid.groupby(["param", "width", "density"]):
+        g = g[g["n"] == g["n"].max()].sort_values("log2_lr")
+        xs, ys = g["log2_lr"].to_numpy(float), g["mean"].to_numpy(float)
+        i = int(np.argmin(ys)) if len(ys) else 0
+        if len(ys) < 2 or i == 0:
+            continue
+        out[key] = 100.0 * (ys[i - 1] - ys[i]) / (xs[i] - xs[i - 1]) ** 2 / ys[i]
+    return out
+
+
+def noise(rows: pd.DataFrame) -> float:
+    """The measured noise of an optimum: the median half-width of the rows' intervals."""
+    half = (rows["hi_log2_lr"] - rows["lo_log2_lr"]) / 2
+    half = half[np.isfinite(half)]
+    return float(half.median()) if len(half) else math.nan
+
+
+def _interp(x: float, xs: np.ndarray, ys: np.ndarray) -> float:
+    """Linear in x between measured points, extended along the end segments outside them."""
+    if len(xs) == 1:
+        return float(ys[0])
+    if x < xs[0]:
+        return float(ys[0] + (x - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0]))
+    if x > xs[-1]:
+        return float(ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+    return float(np.interp(x, xs, ys))
+
+
+def predict(param: str, width: int, density: float, tokens: int,
+            rows: pd.DataFrame | None = None) -> dict:
+    """The rule's answer for one target: expected offset, its data range, regret, and whether
+    to check. Keys are PLAN_COLUMNS (trust_reasons: '; '-joined, empty when trusted)."""
+    rows = data() if rows is None else rows
+    rows = rows[(rows["param"] == param) & rows["offset"].notna()]
+    reasons = []
+    if rows.empty:
+        return {"trust_offset_octaves": math.nan, "trust_offset_lo": math.nan,
+                "trust_offset_hi": math.nan, "trust_regret_pct": math.nan,
+                "trust_check": True, "trust_reasons": f"no measurements for {param}",
+                "trust_data": "none"}
+    per = rows.assign(x=np.log2(rows["density"].astype(float)),
+                      lo=rows["offset"] + rows["lo_log2_lr"] - rows["opt_log2_lr"],
+                      hi=rows["offset"] + rows["hi_log2_lr"] - rows["opt_log2_lr"])
+    by = per.groupby("x").agg(offset=("offset", "mean"), lo=("lo", "min"), hi=("hi", "max"),
+                              curv=("curvature_pct", "mean")).sort_index()
+    by["lo"] = by["lo"].fillna(by["offset"])
+    by["hi"] = by["hi"].fillna(by["offset"])
+    xs, x = by.index.to_numpy(float), math.log2(density)
+    offset = _interp(x, xs, by["offset"].to_numpy())
+    lo, hi = _interp(x, xs, by["lo"].to_numpy()), _interp(x, xs, by["hi"].to_numpy())
+    c = by["curv"].dropna()
+    curv = _interp(x, c.index.to_numpy(float), c.to_numpy()) if len(c) else math.nan
+    w_lo, w_hi = int(rows["width"].min()), int(rows["width"].max())
+    d_lo, d_hi = float(rows["density"].min()), float(rows["density"].max())
+    t_lo, t_hi = int(rows["tokens"].min()), int(rows["tokens"].max())
+    outside = [name for name, v, a, b in (("width", width, w_lo, w_hi),
+                                          ("density", density, d_lo, d_hi),
+                                          ("tokens", tokens, t_lo, t_hi))
+               if not a - 1e-9 <= v <= b + 1e-9]
+    if outside:
+        reasons.append("outside the measured " + ", ".join(outside))
+    wpn = weights_per_neuron(width, density)
+    if wpn < MIN_WEIGHTS_PER_NEURON:
+        reasons.append(f"{wpn:.0f} weights per neuron (< {MIN_WEIGHTS_PER_NEURON})")
+    eps = noise(rows)
+    if math.isfinite(eps) and abs(offset) > eps:
+        reasons.append(f"expected offset beyond the measured noise ({eps:.2f} octave)")
+    regret = curv * offset**2 if math.isfinite(curv) else math.nan
+    if abs(offset) > PARABOLA_SPAN:
+        regret = math.nan
+        reasons.append(f"offset beyond the {PARABOLA_SPAN:g} octave the curvature is measured "
+                       "over: regret not estimated")
+    corpora = sorted(set(rows["corpus"]))
+    return {"trust_offset_octaves": offset, "trust_offset_lo": min(lo, offset),
+            "trust_offset_hi": max(hi, offset), "trust_regret_pct": regret,
+            "trust_check": bool(reasons), "trust_reasons": "; ".join(reasons),
+            "trust_data": (f"{param}: {len(rows)} cells, widths {w_lo}-{w_hi}, densities "
+                           f"{d_lo:g}-{d_hi:g}, tokens {_span(t_lo, t_hi)}, "
+                           f"corpora {'+'.join(corpora)}")}
+
+
+def _span(a: int, b: int) -> str:
+    return f"{a}" if a == b else f"{a}-{b}"
+
+
+def annotate(plan: pd.DataFrame, tokens: int, rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`plan` (transfer.plan) with the rule's PLAN_COLUMNS on every row of each target."""
+    keys = plan[["param", "width", "density"]].drop_duplicates()
+    found = {k: predict(k[0], int(k[1]), float(k[2]), tokens, rows)
+             for k in keys.itertuples(index=False, name=None)}
+    extra = pd.DataFrame([found[k] for k in plan[["param", "width", "density"]]
+                          .itertuples(index=False, name=None)], index=plan.index)
+    return pd.concat([plan.drop(columns=[c for c in PLAN_COLUMNS if c in plan]), extra], axis=1)
+
+
+def lines(plan: pd.DataFrame, checked: bool) -> list[str]:
+    """One line per target of an annotated plan, for the terminal and the report."""
+    out = []
+    for (p, w, d), g in plan.groupby(["param", "width", "density"], sort=False):
+        r = g.iloc[0]
+        if not math.isfinite(r["trust_offset_octaves"]):
+            head = f"trust {p} width={w} density={d:g}: no measured rule"
+        else:
+            regret = r["trust_regret_pct"]
+            head = (f"trust {p} width={w} density={d:g}: expected LR offset "
+                    f"{r['trust_offset_octaves']:+.2f} octaves [{r['trust_offset_lo']:+.2f}, "
+                    f"{r['trust_offset_hi']:+.2f}], regret "
+                    + (f"~{regret:.2f}%" if math.isfinite(regret) else "not estimated"))
+        if r["trust_check"]:
+            tail = ("checked by this run (transfer.check=true)" if checked else
+                    "uncertain: rerun with transfer.check=true")
+            head += f"; {tail} ({r['trust_reasons']})"
+        else:
+            head += "; within the measured range"
+        out.append(head)
+    for text in dict.fromkeys(plan["trust_data"]):
+        out.append(f"  (rule data, {text}; {DATA_FILE})")
+    return out
+
+
+def write_data(rows: Iterable[pd.DataFrame], path: Path) -> pd.DataFrame:
+    """Concatenate measured rows and write them as the rule's csv (measures to 4 decimals)."""
+    df = pd.concat([r for r in rows if len(r)], ignore_index=True)[COLUMNS]
+    measured = COLUMNS[COLUMNS.index("opt_log2_lr"):]
+    df[measured] = df[measured].astype(float).round(4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return pd.read_csv(path)
