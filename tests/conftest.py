@@ -35,6 +35,15 @@ def tiny_config(**over) -> Config:
     return cfg
 
 
+def fake_metrics(loss: float, lr: float, diverged: bool = False) -> dict:
+    """What `train.run` returns, for a fake run function whose loss a test chooses."""
+    return {"diverged": diverged, "loss_ceiling": 10.0, "final_val_loss": loss,
+            "final_train_loss": loss, "best_val_loss": loss, "steps": 1,
+            "tokens_per_second": 1.0, "n_params": 1, "n_nonzero_params": 1,
+            "train_seconds": 0.0,
+            "curve": [{"step": 1, "train_loss": loss, "val_loss": loss, "lr": lr}]}
+
+
 @pytest.fixture
 def tiny_cfg() -> Config:
     return tiny_config()

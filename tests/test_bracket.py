@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 from optuna.trial import TrialState
 
-from conftest import tiny_config
+from conftest import fake_metrics, tiny_config
 from spartune import bracket, sweep, train
 from spartune.config import ConfigError, SearchDim
 
@@ -122,11 +122,7 @@ def fake_run(minimum: float = -6.3, diverge: float = -2.5, die_at: int | None = 
         x = math.log2(cfg.optim.lr)
         div = x > diverge
         loss = 2.0 + 0.1 * (x - minimum) ** 2 + 0.01 * cfg.seed - 0.02 * (1 - cfg.model.density)
-        return {"diverged": div, "loss_ceiling": 10.0, "final_val_loss": loss,
-                "final_train_loss": loss, "best_val_loss": loss, "steps": 1,
-                "tokens_per_second": 1.0, "n_params": 1, "n_nonzero_params": 1,
-                "train_seconds": 0.0,
-                "curve": [{"step": 1, "train_loss": loss, "val_loss": loss, "lr": cfg.optim.lr}]}
+        return fake_metrics(loss, cfg.optim.lr, diverged=div)
     return run
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from conftest import cli, tiny_config
+from conftest import cli, fake_metrics, tiny_config
 from spartune import collect, params, sweep, transfer, trust
 from spartune.config import ConfigError, SearchDim
 
@@ -68,12 +68,7 @@ def _bowl(minimum: float):
     import math
 
     def run(cfg, report=None, checkpoint=None):
-        loss = 2.0 + 0.1 * (math.log2(cfg.optim.lr) - minimum) ** 2
-        return {"diverged": False, "loss_ceiling": 10.0, "final_val_loss": loss,
-                "final_train_loss": loss, "best_val_loss": loss, "steps": 1,
-                "tokens_per_second": 1.0, "n_params": 1, "n_nonzero_params": 1,
-                "train_seconds": 0.0,
-                "curve": [{"step": 1, "train_loss": loss, "val_loss": loss, "lr": cfg.optim.lr}]}
+        return fake_metrics(2.0 + 0.1 * (math.log2(cfg.optim.lr) - minimum) ** 2, cfg.optim.lr)
     return run
 
 

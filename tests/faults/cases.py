@@ -72,13 +72,11 @@ def _retries(ts) -> int:
 
 def _kill_rerun(cwd: Path, workers: int, url: str | None = None, machines: int = 1) -> str:
     name = "kill"
-    # 4 forked workers of one process finish the 6-point grid of short trials before the fault
-    # can land mid-grid: longer trials there. Machines start one by one (each imports torch
-    # afresh; on a loaded 2-core CI the first may run the whole grid before the last has
-    # imported), so two trials running at once is no fault point to wait for: one is. What
-    # the case tests, n machines recovering the killed point at once, is the rerun's.
-    steps = 160 if workers >= 4 else 60
-    args = sweep_args(name, workers=workers, storage=url, steps=steps)
+    # Machines start one by one (each imports torch afresh; on a loaded 2-core CI the first
+    # may run the whole grid before the last has imported), so two trials running at once is
+    # no fault point to wait for: one is. What the case tests, n machines recovering the
+    # killed points at once, is the rerun's.
+    args = sweep_args(name, workers=workers, storage=url)
     procs = [start("spartune-sweep", args, cwd) for _ in range(machines)]
     running = min(2, workers)
     point = mid_grid(1, running, more=machines * workers < 4)
