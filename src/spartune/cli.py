@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spartune import atomic, resources, stops
-from spartune.config import Config, ConfigError, register_configs, to_config
+from spartune.config import Config, ConfigError, register_configs, to_config, validate
 
 log = logging.getLogger("spartune")
 
@@ -248,14 +248,16 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
         @hydra.main(version_base="1.3", config_path=primary, config_name=config_name)
         def _main(dcfg: DictConfig) -> None:
             run_dir = _run_dir()
-            # Here, not earlier: --help, --cfg, completion and a bad choice need no torch.
-            from spartune.train import flush_denormals
-
-            flush_denormals()  # before any torch op starts the thread pool (train.flush_denormals)
             try:
                 worker = _pop_worker(dcfg)
                 cfg = to_config(dcfg)
                 _spread_seed(cfg, worker)
+                if task is _train:
+                    validate(cfg)  # torch-free: a bad input fails before torch loads (~2 s)
+                # Here, not earlier: --help, --cfg, completion and bad input need no torch.
+                from spartune.train import flush_denormals
+
+                flush_denormals()  # before any torch op starts the thread pool
                 task(cfg, run_dir)
             except ConfigError as e:
                 _forget(run_dir)
