@@ -71,7 +71,15 @@ def test_a_param_without_data_asks_for_a_check() -> None:
 @pytest.mark.parametrize("width,density", [(128, 1.0), (128, 0.25), (128, 1 / 64), (64, 1 / 128),
                                            (1024, 1 / 64), (100, 0.3)])
 def test_weights_per_neuron_is_the_masks_smallest_fan_in(width: int, density: float) -> None:
-    assert trust.weights_per_neuron(width, density) == sparsity.expected_fan_in(width, density)
+    """The rule flags a target exactly when the mask the model builds keeps < 8 inputs in a
+    hidden neuron (the built model's own count, not a formula of the test's)."""
+    import torch
+
+    mask = sparsity.random_mask((4, width), density, torch.Generator().manual_seed(0))
+    fewest = int(mask.sum(dim=1).min())
+    flagged = "weights per neuron" in trust.predict("supar", width, density, 1000, ROWS)[
+        "trust_reasons"]
+    assert flagged == (fewest < trust.MIN_WEIGHTS_PER_NEURON)
 
 
 def _trials(truth: dict[float, float], a: float = 0.05, b: float = 2.0) -> pd.DataFrame:

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from spartune.config import ModelConfig, ParamConfig
 from spartune.layouts import CompressedLinear, HiddenLayer, apply_layout, trained_weight
 from spartune.parameterizer import Parameterization, parameterize
-from spartune.params import Role
-from spartune.sparsity import SparseLinear, expected_fan_in
+from spartune.params import MIN_WEIGHTS_PER_NEURON, Role, expected_fan_in
+from spartune.sparsity import SparseLinear
 
 # A hidden layer is masked (dense storage) or compressed (non-zeros only): layouts.py. The rules
 # below read role, density and residual, which both layouts carry.
@@ -263,7 +263,7 @@ def build_model(m: ModelConfig, p: ParamConfig, *, vocab_size: int, max_len: int
 def _warn_low_fan_in(model: GPT, m: ModelConfig) -> None:
     wpn = min(expected_fan_in(layer.in_features, layer.density, m.mask_kind)
               for layer in model.hidden_layers())
-    if wpn < 8 and (m.width, m.density) not in _WARNED:
+    if wpn < MIN_WEIGHTS_PER_NEURON and (m.width, m.density) not in _WARNED:
         _WARNED.add((m.width, m.density))  # once per shape and process, not per trial
         log.warning("width %d at density %g keeps %.0f weights per neuron in some hidden "
                     "layer: SμPar's law-of-large-numbers argument is weak there "

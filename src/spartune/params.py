@@ -154,3 +154,17 @@ def describe(
     rows.append({"layer": "attention logits", "init_std": float("nan"), "adam_lr": float("nan"),
                  "forward_mult": attention_scale(name, head_size)})
     return rows
+
+
+# Below this many non-zero inputs per hidden neuron SμPar's law-of-large-numbers argument is
+# weak (SUPAR.md §2.3): the model warns when it builds such a layer, the trust rule flags it.
+MIN_WEIGHTS_PER_NEURON = 8
+
+
+def expected_fan_in(d_in: int, density: float, kind: str = "per_row") -> float:
+    """Expected non-zero inputs per neuron (WPN): d_in * rho, or the rounded per-row count.
+
+    Here, beside the rules and without torch, so the transfer's trust rule can ask it too."""
+    if kind == "per_row" and density < 1:
+        return float(max(1, round(density * d_in)))
+    return d_in * density

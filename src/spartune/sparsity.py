@@ -208,11 +208,3 @@ class SparseLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, role={self.role}, density={self.density:g}"
-
-
-def expected_fan_in(d_in: int, density: float, kind: str = "per_row") -> float:
-    """Expected non-zero inputs per neuron (WPN): d_in * rho, or the rounded per-row count."""
-    if kind == "per_row" and density < 1:
-        return float(max(1, round(density * d_in)))
-    return d_in * density
-

@@ -40,8 +40,8 @@ import numpy as np
 import pandas as pd
 
 from spartune import analysis
+from spartune.params import MIN_WEIGHTS_PER_NEURON, expected_fan_in
 
-MIN_WEIGHTS_PER_NEURON = 8  # below this the transfer is flagged (as model.py warns)
 PARABOLA_SPAN = 1.0  # octaves: the curvature is measured between the optimum's neighbours
 COLUMNS = ["source", "corpus", "param", "width", "base_width", "density", "tokens", "n_seeds",
            "opt_log2_lr", "lo_log2_lr", "hi_log2_lr", "offset", "curvature_pct", "opt_loss"]
@@ -96,15 +96,6 @@ MEASURED: tuple[tuple, ...] = (
 def data() -> pd.DataFrame:
     """The measured rows the rule is fitted from (`MEASURED`), as a DataFrame."""
     return pd.DataFrame(list(MEASURED), columns=COLUMNS)
-
-
-def weights_per_neuron(width: int, density: float) -> float:
-    """The fewest non-zero inputs of any hidden neuron: fan-in `width` (qkv, mlp_up, proj).
-
-    The per_row mask keeps round(density x fan-in) per row, at least one; this mirrors
-    sparsity.expected_fan_in for the smallest hidden fan-in without importing torch.
-    """
-    return float(width) if density >= 1 else float(max(1, round(density * width)))
 
 
 def measure(trials: pd.DataFrame, *, source: str, corpus: str, tokens: int,
@@ -211,7 +202,7 @@ def predict(param: str, width: int, density: float, tokens: int,
                if not a - 1e-9 <= v <= b + 1e-9]
     if outside:
         reasons.append("outside the measured " + ", ".join(outside))
-    wpn = weights_per_neuron(width, density)
+    wpn = expected_fan_in(width, density)  # the smallest hidden fan-in: width
     if wpn < MIN_WEIGHTS_PER_NEURON:
         reasons.append(f"{wpn:.0f} weights per neuron (< {MIN_WEIGHTS_PER_NEURON})")
     eps = noise(rows)
