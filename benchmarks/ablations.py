@@ -99,6 +99,10 @@ REFERENCE = ROOT / "results" / "reference" / "science" / "lr_stability_trials.cs
 # Until abl_baseline has run, the baseline is the science benchmark's own LR runs: the same
 # config (width 128, base 64, 300 steps, seeds 0-2, these HPs), found by its own bracketing.
 WHATIF_W256 = ROOT / "results" / "reference" / "science" / "whatif_width256_output.txt"
+# What earlier sessions measured (the tracked table): an ablation whose study is not under
+# --out is reported from here, its command as it ran then, so a report never drops a result
+# only because its study folder was not kept.
+PREVIOUS = ROOT / "results" / "reference" / "ablations" / "ablations.csv"
 REFERENCE_WHAT = "baseline: the science benchmark's SμPar LR runs (results/reference/science)"
 REFERENCE_CMD = ("python benchmarks/science.py   # commit 7934ab6, 2026-11-22; SμPar rows of "
                  "results/reference/science/lr_stability_trials.csv")
@@ -282,6 +286,10 @@ def main() -> None:
                    help="densities 1 and 1/64 only (half the runs): the spread between the "
                         "ends, where the baseline's whole drift lies")
     p.add_argument("--report-only", action="store_true", help="read what has run; run nothing")
+    p.add_argument("--previous", type=Path, default=PREVIOUS, metavar="CSV",
+                   help="an earlier ablations.csv: its ablations that have no study under --out "
+                        "are reported from it (default: the tracked reference table; "
+                        "--previous none: only what is under --out)")
     p.add_argument("--trust-data", type=Path, metavar="CSV",
                    help="also write the transfer-trust rule's data (spartune.trust) to CSV: "
                         "the science reference runs plus " + ", ".join(TRUST_SOURCES))
@@ -320,6 +328,13 @@ def main() -> None:
             what=ab.what, command=shlex.join(command(ab, out, ran)),
             n_densities=len(densities))
         rows.append(df)
+    have = {r["ablation"].iloc[0] for r in rows}
+    if not a.quick and str(a.previous) != "none" and a.previous.is_file():
+        prev = pd.read_csv(a.previous)
+        for name, g in prev.groupby("ablation", sort=False):
+            if name not in have and (name in BY_NAME or name == "baseline_reference"):
+                ran = g["command"].str.replace(r"\s+# from \S+$", "", regex=True)
+                rows.append(g.assign(command=ran + f"   # from {a.previous}"))
     for df in rows:
         print(spread_line(df, int(df["n_densities"].iloc[0])))
         print(f"  $ {df['command'].iloc[0]}")

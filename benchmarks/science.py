@@ -1,26 +1,25 @@
 """Science benchmark: does spartune reproduce, at CPU scale, what SμPar promises?
 
 The paper's protocol (SUPAR.md §3) as spartune commands on the built-in corpus, then one line
-per criterion with the measured figure and pass/fail (thresholds: the issue's, never tuned):
-
+per criterion with the measured figure and pass/fail (the issue's thresholds, never tuned):
   0. tune     `spartune-sweep -cn proxy`: TPE + median pruning over eta, sigma, alpha_in,
-              alpha_out on a dense width-64 proxy, one seeded worker; every run below uses
-              its winner, as the paper uses its proxy's HPs (Tables 3, 4).
-  1. lr       `spartune-sweep -cn lr_stability`: the bracketing search per (param, density)
-              (bracket.py), optimum = parabola vertex (analysis.optima). Spread across
-              densities: SμPar <= 0.5 octave; SP >= 2 octaves; µP reported (Figs 1, 6).
+              alpha_out, dense width-64 proxy, one seeded worker; every run below uses its
+              winner, as the paper uses its proxy's HPs (Tables 3, 4).
+  1. lr       `spartune-sweep -cn lr_stability`: the bracketing search per (param, density),
+              optimum = parabola vertex. Spread across densities: SμPar <= 0.5 octave, SP >= 2
+              octaves, µP reported (Figs 1, 6).
   2. init     `spartune-sweep -cn sigma_stability`: the same for sigma_base, 100-step runs of
-              8 sequences, no half-octave refinement (Fig. 7, Table 4).
-  3. coord    `spartune-coord` at the paper's Fig. 5 settings: mean |activation| of attention
-              and MLP outputs, widths 64..512 x densities 1..1/64: SμPar <= 1.25x.
+              8 sequences, no half-step refinement (Fig. 7, Table 4).
+  3. coord    `spartune-coord` at the paper's Fig. 5 settings, widths 64..512 x densities
+              1..1/64: SμPar's mean |activation| spread <= 1.25x.
   4. transfer `spartune-transfer transfer.check=true`: the proxy's HPs on width-256 targets at
-              densities 1/4, 1/16 against each target's own best LR: SμPar within 1%.
-  5. frontier best-LR loss per density from 1's runs (analysis.frontier): SμPar best, or within
-              2 paired standard errors over seeds, at every density (Fig. 8).
+              densities 1/4, 1/16 vs each target's own best LR: SμPar within 1%.
+  5. frontier best-LR loss per density from 1's runs: SμPar best, or within 2 paired standard
+              errors over seeds, at every density (Fig. 8).
 At density 1 SμPar is µP (SUPAR.md §1.3): µP's sweeps run only the sparser densities. Every
 study resumes by itself: a rerun runs what is missing, then judges.
 
-    .venv/bin/python benchmarks/science.py          # the full benchmark (41 min, 2 cores)
+    .venv/bin/python benchmarks/science.py          # the full benchmark (2 cores)
     .venv/bin/python benchmarks/science.py --quick  # criteria 1 and 3, reduced
 """
 
@@ -54,7 +53,6 @@ T0 = time.perf_counter()
 @dataclass(frozen=True)
 class Scale:
     """Sizes of one benchmark run: the full one or `--quick` (the slow test's)."""
-
     width: int = 128  # LR / init stability width; every run's base width is the proxy's
     proxy_width: int = 64
     steps: int = 300  # LR runs, 16 x 64 bytes per step
@@ -112,10 +110,10 @@ def shares_dense(s: Scale) -> bool:
 
 def commands(s: Scale, base: list[str], jobs: int, hps: dict[str, float], first: bool
              ) -> dict[str, list[str]]:
-    """first: what needs no proxy (the coordinate check at its fixed `hps`; the proxy sweep).
-    Else what runs on the proxy's `hps`, all at once: each stability sweep, a bracketing search
-    (bracket.py) centred on the HPs' value (µP's sparser cells apart when it shares SμPar's
-    dense one), and the transfer, its check bracketed too."""
+    """first: what needs no proxy (coord at its fixed `hps`, the proxy sweep). Else what runs
+    on the proxy's `hps`, at once: each stability sweep (the sweep file's bracketing search with
+    continuation, centred on the HPs' value; µP's sparser cells apart when it shares SμPar's
+    dense one) and the transfer, its check bracketed too."""
     w, h, out = s.proxy_width, hps, {}
     if first and "coord" in s.criteria:
         out["coord"] = cmd(
@@ -138,8 +136,7 @@ def commands(s: Scale, base: list[str], jobs: int, hps: dict[str, float], first:
                 f"spartune-sweep -cn {cn} study.name={name} study.params={fmt(params)} "
                 f"study.densities={fmt(ds)} study.seeds={fmt(s.seeds)} study.widths=[{s.width}]"
                 f" model.base_width={w} train.steps={n} train.eval_every={n} study.workers="
-                f"{jobs} study.sampler=bracket study.continuation={str(len(ds) > 1).lower()} "
-                f"study.refine={str(x == 'lr').lower()} study.max_points=24 study.space.{x}="
+                f"{jobs} study.refine={str(x == 'lr').lower()} study.max_points=24 study.space.{x}="
                 f"{{low:{2.0**lo!r},high:{2.0**hi!r},step:1.0}}"  # judged on the final loss
                 + ("" if x == "lr" else " train.batch_size=8 train.eval_batches=16"),
                 *base, *hp_args(h))
@@ -155,9 +152,9 @@ def commands(s: Scale, base: list[str], jobs: int, hps: dict[str, float], first:
 
 def launch(name: str, argv: list[str], logs: Path) -> subprocess.Popen:
     """Start one command, its output in `logs/<name>.log`."""
-    print("$ " + " ".join(argv), flush=True)
     with open(logs / f"{name}.log", "a") as fh:
-        print("$ " + " ".join(argv), file=fh, flush=True)
+        for f in (sys.stdout, fh):
+            print("$ " + " ".join(argv), file=f, flush=True)
         return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -176,10 +173,9 @@ def wait(procs: dict[str, subprocess.Popen]) -> list[tuple[str, int]]:
 def proxy_hps(out: Path) -> dict[str, float]:
     """The best proxy trial's HPs; {} if it has none."""
     t = read(out, ["proxy"])
-    if t.empty or not (t["state"] == "COMPLETE").any():
-        return {}
-    best = select_hps(t, select="best", hps=list(HPS), source="proxy")
-    return {h: float(best[h]) for h in HPS}
+    ok = not t.empty and (t["state"] == "COMPLETE").any()
+    return {h: float(v) for h, v in select_hps(t, select="best", hps=list(HPS), source="proxy")
+            .items() if h in HPS} if ok else {}
 
 
 def stability_line(label: str, x: str, ran: pd.DataFrame, s: Scale, fig: Path
@@ -216,8 +212,7 @@ def coord_line(out: Path, setting: str) -> tuple[bool, pd.DataFrame]:
     sp = pd.read_csv(out / "coord" / "coord_spreads.csv")
     worst = sp.groupby("param")["spread"].max()
     sup = float(worst.get("supar", math.nan))
-    note = diagnosis(pd.read_csv(out / "coord" / "coord.csv"))
-    if note:
+    if note := diagnosis(pd.read_csv(out / "coord" / "coord.csv")):
         print(f"  {note}")
     print(f"coord: worst activation spread across widths and densities at {setting}: supar "
           f"{sup:.2f}x (<= {COORD_MAX}) {'pass' if sup <= COORD_MAX else 'fail'}; "

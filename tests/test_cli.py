@@ -7,6 +7,9 @@ and leave no run folder behind.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -102,3 +105,28 @@ def test_seq_len_longer_than_a_small_text_file(workdir):
     r = cli("spartune-train", *SMOKE, "data=text", "data.path=tiny.txt", "train.seq_len=64",
             cwd=workdir)
     assert r.returncode == 2 and "train.seq_len" in r.stderr and "Traceback" not in r.stderr
+
+
+# Each command checks its config before torch loads (~2 s of the ~3 s a bad input would cost).
+NO_TORCH = [
+    ("train_main", ["model.density=1.5"], "model.density"),
+    ("sweep_main", ["-cn", "proxy", "study.sampler=nope"], "study.sampler"),
+    ("sweep_main", ["-cn", "proxy", "model.width=96"], "model.width"),
+    ("transfer_main", ["transfer.select=nope"], "transfer.select"),
+    ("coord_main", ["coord.batch_size=0"], "coord.batch_size"),
+    ("plot_main", ["study.name=no_such_study"], "study.name"),
+    ("pipeline_main", ["name=../escape"], "name"),
+]
+
+
+@pytest.mark.parametrize("entry,args,field", NO_TORCH,
+                         ids=[f"{e} {a[-1]}" for e, a, _ in NO_TORCH])
+def test_bad_input_fails_before_torch_loads(workdir, entry, args, field):
+    probe = (f"import sys\nfrom spartune import cli\ntry:\n    cli.{entry}()\n"
+             "except SystemExit as e:\n    print('exit', e.code, 'torch', 'torch' in sys.modules)")
+    env = {**os.environ, "SPARTUNE_HOME": str(ROOT), "MPLBACKEND": "Agg",
+           "HYDRA_FULL_ERROR": "0"}
+    r = subprocess.run([sys.executable, "-c", probe, *args], cwd=workdir, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["exit", "2", "torch", "False"], (r.stdout, r.stderr)
+    assert r.stderr.strip().startswith(f"spartune: error: {field}:"), r.stderr

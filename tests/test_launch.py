@@ -102,6 +102,7 @@ def test_two_process_trials_complete_a_grid_one_trial_per_run(tmp_path):
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert sorted(t.user_attrs["lr"] for t in trials) == [0.003, 0.01, 0.03, 0.1]
     for t in trials:
+        assert t.user_attrs["world_size"] == 2  # the trial says how it was trained
         # rank 0 alone reported: one value per evaluation step
         assert sorted(t.intermediate_values) == [4, 8, 12]
         assert t.value == pytest.approx(t.intermediate_values[12])

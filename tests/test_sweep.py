@@ -54,6 +54,10 @@ def test_trials_record_cell_hps_and_results(tmp_path):
     assert row["lr"] == pytest.approx(2.0 ** row["log2_lr"])
     assert row["value"] == pytest.approx(row["final_val_loss"])
     assert row["tokens_per_second"] > 0 and not row["diverged"]
+    # how it was trained: one process, fp32, eager, the whole batch at once
+    assert (row["world_size"], row["precision"], row["micro_batch_size"]) == \
+        (1, "fp32", cfg.train.batch_size)
+    assert row["compile"] == False  # noqa: E712 (pandas' nullable boolean)
 
 
 def test_diverged_runs_are_recorded_and_do_not_stop_the_sweep(tmp_path):

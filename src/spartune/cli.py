@@ -224,8 +224,13 @@ def _config_name(argv: list[str]) -> str | None:
     return None
 
 
-def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable[[], None]:
-    """Wrap `task(cfg, run_dir)` as a Hydra app whose errors are one clear line."""
+def hydra_app(config_name: str, task: Callable[[Config, Path], Any],
+              check: Callable[[Config], None], *, trains: bool = True) -> Callable[[], None]:
+    """Wrap `task(cfg, run_dir)` as a Hydra app whose errors are one clear line.
+
+    `check(cfg)` is the command's torch-free validation, run before torch loads (~2 s), so bad
+    input fails in about a second; `trains` says whether the task runs torch at all (the
+    denormal flush is set up only then, before any torch op starts the thread pool)."""
     import hydra
     from omegaconf import DictConfig
     from omegaconf.errors import OmegaConfBaseException
@@ -252,12 +257,11 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any]) -> Callable
                 worker = _pop_worker(dcfg)
                 cfg = to_config(dcfg)
                 _spread_seed(cfg, worker)
-                if task is _train:
-                    validate(cfg)  # torch-free: a bad input fails before torch loads (~2 s)
-                # Here, not earlier: --help, --cfg, completion and bad input need no torch.
-                from spartune.train import flush_denormals
+                check(cfg)
+                if trains:  # here, not earlier: --help, --cfg, completion, bad input need no torch
+                    from spartune.train import flush_denormals
 
-                flush_denormals()  # before any torch op starts the thread pool
+                    flush_denormals()  # before any torch op starts the thread pool
                 task(cfg, run_dir)
             except ConfigError as e:
                 _forget(run_dir)
@@ -345,11 +349,17 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-def _sweep(cfg: Config, run_dir: Path) -> None:
-    from spartune import collect, report, sweep, trackers
+def _check_sweep(cfg: Config) -> None:
+    from spartune import sweep, trackers
 
     sweep.check_overrides(cfg, _overrides())
     trackers.check(cfg)
+    sweep.validate_study(cfg)
+
+
+def _sweep(cfg: Config, run_dir: Path) -> None:
+    from spartune import collect, report, sweep
+
     res = sweep.sweep(cfg)
     trials, curves = collect.load_trials(sweep.open_storage(cfg), cfg.study.name)
     out = sweep.study_dir(cfg)
@@ -373,11 +383,17 @@ def _sweep(cfg: Config, run_dir: Path) -> None:
               file=sys.stderr)
 
 
-def _transfer(cfg: Config, run_dir: Path) -> None:
-    from spartune import analysis, report, sweep, trackers, transfer
+def _check_transfer(cfg: Config) -> None:
+    from spartune import sweep, trackers, transfer
 
     sweep.check_overrides(cfg, _overrides(), axes="transfer")
     trackers.check(cfg)
+    transfer.validate_transfer(cfg)
+
+
+def _transfer(cfg: Config, run_dir: Path) -> None:
+    from spartune import analysis, report, transfer
+
     res = transfer.run(cfg)
     figs = report.make_figures(res["trials"], res["curves"], res["dir"])
     done = res["trials"][res["trials"]["role"] == "target"]
@@ -408,17 +424,35 @@ def _plot(cfg: Config, run_dir: Path) -> None:
         print(f"wrote {p}")
 
 
-def _pipeline(cfg: Config, run_dir: Path) -> None:
+def _check_pipeline(cfg: Config) -> None:
     from spartune import pipeline, trackers
 
     trackers.check(cfg)
+    pipeline.check(cfg)
+
+
+def _pipeline(cfg: Config, run_dir: Path) -> None:
+    from spartune import pipeline
+
     res = pipeline.run(cfg)
     print(f"pipeline finished in {res['seconds'] / 60:.1f} min")
 
 
-train_main = hydra_app("config", _train)
-coord_main = hydra_app("coord", _coord)
-sweep_main = hydra_app("proxy", _sweep)
-transfer_main = hydra_app("transfer", _transfer)
-plot_main = hydra_app("config", _plot)
-pipeline_main = hydra_app("run_pipeline", _pipeline)
+def _check_coord(cfg: Config) -> None:
+    from spartune import coord_cells
+
+    coord_cells.check(cfg)
+
+
+def _check_plot(cfg: Config) -> None:
+    from spartune.config import check_name
+
+    check_name(cfg.study.name, "study.name")
+
+
+train_main = hydra_app("config", _train, validate)
+coord_main = hydra_app("coord", _coord, _check_coord)
+sweep_main = hydra_app("proxy", _sweep, _check_sweep)
+transfer_main = hydra_app("transfer", _transfer, _check_transfer)
+plot_main = hydra_app("config", _plot, _check_plot, trains=False)
+pipeline_main = hydra_app("run_pipeline", _pipeline, _check_pipeline)

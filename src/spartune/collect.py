@@ -28,9 +28,10 @@ JOURNAL_NAME = "optuna.journal"
 # Column dtypes, applied both when collecting and when reading the csv back, so a table
 # survives the round trip unchanged. Integers are nullable: a failed trial may lack them.
 _INT_COLUMNS = {"number", "width", "base_width", "depth", "seed", "steps", "n_params",
-                "n_nonzero_params", "step"}
-_STR_COLUMNS = {"study", "cell", "state", "role", "param"}
+                "n_nonzero_params", "step", "world_size", "micro_batch_size"}
+_STR_COLUMNS = {"study", "cell", "state", "role", "param", "precision"}
 _BOOL_COLUMNS = {"diverged"}
+_NULLABLE_BOOL_COLUMNS = {"compile"}  # unknown (a user's objective did not say) stays empty
 
 
 def storage_for(study_dir: Path, url: str | None = None) -> str | optuna.storages.BaseStorage:
@@ -139,6 +140,9 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
             df[col] = df[col].astype(object).where(df[col].notna(), None)
         elif col in _BOOL_COLUMNS:
             df[col] = df[col].map(_as_bool).astype(bool)
+        elif col in _NULLABLE_BOOL_COLUMNS:
+            known = df[col].notna()
+            df[col] = df[col].map(_as_bool).astype("boolean").where(known, pd.NA)
         else:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     return df

@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,62 +39,16 @@ from spartune.config import (
     ConfigError,
     CoordConfig,
     ModelConfig,
-    validate,
     validate_coord,
 )
+from spartune.coord_cells import cell_config, cells
+from spartune.coord_cells import check as check_cells
 from spartune.data import Corpus
 
 log = logging.getLogger(__name__)
 
 # Parameterizations that are *supposed* to drift (the baselines SμPar is compared with).
 BASELINES = ("sp", "mup")
-
-
-def cells(c: CoordConfig) -> list[tuple[int, float]]:
-    """The (width, density) pairs to measure, in a stable order, without duplicates.
-
-    `cross` is the paper's layout: the width axis at density 1 and the density axis at the
-    largest width, so each axis is varied alone at the cost of len(widths) + len(densities) - 1
-    models instead of their product.
-    """
-    if c.grid == "product":
-        pairs = [(w, float(d)) for w in c.widths for d in c.densities]
-    else:
-        wmax = max(c.widths)
-        pairs = [(w, 1.0) for w in c.widths] + [(wmax, float(d)) for d in c.densities]
-    return list(dict.fromkeys(pairs))
-
-
-def cell_config(cfg: Config, param: str, width: int, density: float, seed: int) -> Config:
-    """The full run config of one cell: the user's config with the coord axes substituted.
-
-    Built with `dataclasses.replace` so every other knob (init_std, alphas, depth, optimizer
-    betas, weight decay, mask kind...) is exactly what a real run of that shape would use.
-    """
-    c = cfg.coord
-    return replace(
-        cfg,
-        model=replace(cfg.model, width=width, density=density),
-        param=replace(cfg.param, name=param),
-        train=replace(cfg.train, seq_len=c.seq_len, batch_size=c.batch_size),
-        seed=seed,
-    )
-
-
-def _check_coord(cfg: Config) -> None:
-    """Every cell's config must be valid before anything is built: fail fast, one clear line."""
-    c = cfg.coord
-    validate_coord(c, cfg.model)
-    _positive_int(c.batch_size, "coord.batch_size")
-    _positive_int(c.seq_len, "coord.seq_len")
-    for param in c.params:
-        for width, density in cells(c):
-            validate(cell_config(cfg, param, width, density, c.seeds[0]))
-
-
-def _positive_int(value: Any, field: str) -> None:
-    if not (isinstance(value, int) and value > 0):
-        raise ConfigError(field, f"must be a positive integer, got {value!r}")
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -188,7 +142,7 @@ def measure(cfg: Config, *, corpus: Corpus | None = None, progress: bool = True)
     and shared. Rows: one per param x cell x seed x step x module; step 1 is the forward pass at
     init, step t the forward pass before update t.
     """
-    _check_coord(cfg)
+    check_cells(cfg)
     c = cfg.coord
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -336,7 +290,7 @@ def main(cfg: Config, out_dir: Path) -> bool:
     """
     from spartune import plot
 
-    _check_coord(cfg)
+    check_cells(cfg)
     c = cfg.coord
     judged = "supar" if "supar" in c.params else c.params[0]
     out_dir = Path(out_dir)

@@ -48,7 +48,10 @@ Report = Callable[[int, float], None]
 
 # The keys every objective's metrics carry (the sweep records them as trial user attrs).
 METRIC_KEYS = ("final_train_loss", "final_val_loss", "best_val_loss", "diverged", "steps",
-               "tokens_per_second", "n_params", "n_nonzero_params", "train_seconds")
+               "tokens_per_second", "n_params", "n_nonzero_params", "train_seconds",
+               # how the run was trained (train.run records them; a user's objective may not):
+               # a trial of study.nproc_per_trial=2 says world_size 2, so its tokens/s reads right
+               "world_size", "precision", "compile", "micro_batch_size")
 
 
 class TrialFailed(Exception):

@@ -19,14 +19,25 @@ from spartune.config import Config, check_name
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    check_name(cfg.name, "name")
-    t0 = time.monotonic()
-    out = Path(cfg.results_dir) / cfg.name
+def _proxy_config(cfg: Config) -> Config:
     proxy_cfg = copy.deepcopy(cfg)
     proxy_cfg.study.name = f"{cfg.name}/proxy"
-    sweep.validate_study(proxy_cfg)
+    return proxy_cfg
+
+
+def check(cfg: Config) -> None:
+    """Every field the pipeline's steps read, checked before anything runs (torch-free, so the
+    CLI runs it before torch loads)."""
+    check_name(cfg.name, "name")
+    sweep.validate_study(_proxy_config(cfg))
     transfer.validate_transfer(cfg)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    check(cfg)
+    t0 = time.monotonic()
+    out = Path(cfg.results_dir) / cfg.name
+    proxy_cfg = _proxy_config(cfg)
     print(f"[1/4] proxy sweep: {proxy_cfg.study.name} ({sweep.budget(proxy_cfg)} trials, "
           f"width {proxy_cfg.study.widths}, density {proxy_cfg.study.densities})", flush=True)
     sweep.sweep(proxy_cfg)
