@@ -265,11 +265,16 @@ def write_trust_data(path: Path, out: Path, scale: Scale) -> None:
     recipe-keeping ablation that has run (TRUST_SOURCES)."""
     parts = [trust.measure(pd.read_csv(REFERENCE), source="science_reference",
                            corpus="pystdlib", tokens=tokens(BY_NAME["baseline"], scale))]
+    # an ablation measured earlier whose study is not under `out` keeps its rows (as its
+    # table rows do, --previous): the tracked data file is where they are kept
+    kept = pd.read_csv(ROOT / trust.DATA_FILE) if (ROOT / trust.DATA_FILE).is_file() else None
     for name, corpus in TRUST_SOURCES.items():
         got = read(BY_NAME[name], out)
         if got is not None:
             parts.append(trust.measure(got[0], source=f"ablation_{name}", corpus=corpus,
                                        tokens=tokens(BY_NAME[name], scale)))
+        elif kept is not None:
+            parts.append(kept[kept["source"] == f"ablation_{name}"])
     parts.append(whatif_width256(tokens(BY_NAME["baseline"], scale)))
     df = trust.write_data(parts, path)
     print(f"wrote {path} ({len(df)} rows)")

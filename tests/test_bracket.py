@@ -169,6 +169,27 @@ def test_sweep_finds_every_cells_optimum_once_each_point(tmp_path, monkeypatch):
     assert again["ran_here"] == 0 and finished(cfg) == done
 
 
+def test_a_point_at_a_bound_is_queued_inside_the_trials_range(tmp_path, monkeypatch, recwarn):
+    """log2 of a bound rounded to the points' precision can lie outside it (a transfer check
+    centred on a proxy's LR): the trial must still get a value in its distribution's range."""
+    monkeypatch.setattr(train, "run", fake_run(minimum=2.0))  # the minimum beyond the top
+    cfg = bracket_cfg(tmp_path, seeds=[0], densities=[1.0])
+    hi = -4.640575207078866  # rounds up to -4.640575207, above the bound
+    cfg.study.space = {"lr": SearchDim(low=2.0 ** (hi - 2), high=2.0**hi, step=1.0)}
+    cfg.optim.lr = 2.0**hi
+    sweep.sweep(cfg)
+    assert not [w for w in recwarn if "out of range" in str(w.message)]
+    lo_x, hi_x = math.log2(2.0 ** (hi - 2)), math.log2(2.0**hi)
+    xs = [x for (_, x), n in finished(cfg).items() for _ in range(n)]
+    assert len(xs) == 2 and all(lo_x - 1e-9 <= x <= hi_x + 1e-9 for x in xs)
+    storage = sweep.open_storage(cfg)
+    (cell,) = sweep.cells(cfg.study)
+    raw = [t.params["log2_lr"] for t in sweep._load_cell_study(cfg, storage, cell, 0)
+           .get_trials(deepcopy=False)]
+    assert max(raw) <= hi_x  # the exact bound, not its rounding above it
+    assert statuses(cfg)[0][1] == "at_high_bound"
+
+
 def test_continuation_starts_at_the_denser_cells_optimum(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "run", fake_run(minimum=-6.3))
     cfg = bracket_cfg(tmp_path, continuation=True)

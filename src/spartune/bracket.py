@@ -62,6 +62,9 @@ class Axis:
     centre: float  # the default first point, on the lattice lo + k * step
     max_points: int
     refine: bool = True  # half-step refinement once bracketed (study.refine)
+    # lo and hi as the trial's distribution has them: `lo`/`hi` are rounded (_r), and a
+    # rounded bound can lie just outside them; a point is queued inside them (`sync`)
+    exact: tuple[float, float] | None = None
 
 
 @dataclass
@@ -186,7 +189,7 @@ def axis(cfg: Config) -> Axis:
     k = round((min(max(x, lo), hi) - lo) / step)
     k = min(k, math.floor((hi - lo) / step + EPS))
     return Axis(name, sweep._param_name(name, dim), _r(lo), _r(hi), float(step),
-                _r(lo + k * step), s.max_points, s.refine)
+                _r(lo + k * step), s.max_points, s.refine, (lo, hi))
 
 
 def groups(cfg: Config) -> list[Group]:
@@ -373,7 +376,8 @@ def sync(cfg: Config, g: Group, gs: list[Group], studies: dict[sweep.Cell, optun
         if x in held[seed]:
             continue  # queued, or running in some worker
         study = studies[by_cell[seed]]
-        study.enqueue_trial({ax.param: x}, user_attrs={"bracket": g.key})
+        value = min(max(x, ax.exact[0]), ax.exact[1]) if ax.exact else x  # _r(value) == x
+        study.enqueue_trial({ax.param: value}, user_attrs={"bracket": g.key})
         held[seed].add(x)
         if cfg.study.storage:
             sweep._drop_queued_twins(study)
