@@ -61,8 +61,8 @@ def test_quick_runs_the_coordinate_check_and_one_bracketing_lr_sweep():
     assert list(rest) == ["lr"]
     o = overrides(rest["lr"])
     assert rest["lr"][1:3] == ["-cn", "lr_stability"]
-    assert (o["study.sampler"], o["study.continuation"], o["study.refine"]) == \
-        ("bracket", "true", "true")
+    s = composed(rest["lr"]).study  # the sweep file's bracketing search with continuation
+    assert (s.sampler, s.continuation, s.refine) == ("bracket", True, True)
     assert (o["study.params"], o["study.densities"], o["study.seeds"]) == \
         ("[sp,supar]", "[1.0,0.0625]", "[0]")
     assert o["study.workers"] == "2" and o["optim.lr"] == repr(2.0**-7)
