@@ -1,7 +1,7 @@
 """What still moves SμPar's optimal LR? The science benchmark's LR criterion, one factor at a time.
 
 Why: the science benchmark's LR criterion (width 128, base width 64, 300 steps, 3 seeds, the
-proxy winner's HPs) finds SμPar's optimum climbing 0.63 octaves over densities 1 .. 1/64
+proxy winner's HPs) finds SμPar's optimum climbing 0.94 octaves over densities 1 .. 1/64
 (goal <= 0.5), and the cause is open (issue 17). Each ablation here is that criterion with one
 factor changed, run as a plain product command,
 
@@ -93,18 +93,19 @@ NOT_RUNNABLE = {
 
 # Ablations that keep the recipe and change only what a user's target changes (the corpus, the
 # tokens): their optima are data for the transfer-trust rule (spartune.trust).
-TRUST_SOURCES = {"baseline": "pystdlib", "corpus_licenses": "common-licenses",
-                 "steps_1000": "pystdlib", "batch_64": "pystdlib"}
+# (Not the baseline: its runs are the science reference's, which the rule always reads.)
+TRUST_SOURCES = {"corpus_licenses": "common-licenses", "steps_1000": "pystdlib",
+                 "batch_64": "pystdlib"}
 REFERENCE = ROOT / "results" / "reference" / "science" / "lr_stability_trials.csv"
-# Until abl_baseline has run, the baseline is the science benchmark's own LR runs: the same
-# config (width 128, base 64, 300 steps, seeds 0-2, these HPs), found by its own bracketing.
+# The science benchmark's own LR runs (the same config: width 128, base 64, 300 steps, seeds
+# 0-2, these HPs, its own bracketing) are always reported, as baseline_reference.
 WHATIF_W256 = ROOT / "results" / "reference" / "science" / "whatif_width256_output.txt"
 # What earlier sessions measured (the tracked table): an ablation whose study is not under
 # --out is reported from here, its command as it ran then, so a report never drops a result
 # only because its study folder was not kept.
 PREVIOUS = ROOT / "results" / "reference" / "ablations" / "ablations.csv"
 REFERENCE_WHAT = "baseline: the science benchmark's SμPar LR runs (results/reference/science)"
-REFERENCE_CMD = ("python benchmarks/science.py   # commit 7934ab6, 2026-11-22; SμPar rows of "
+REFERENCE_CMD = ("python benchmarks/science.py   # commit 65e992e, 2026-12-02; SμPar rows of "
                  "results/reference/science/lr_stability_trials.csv")
 
 
@@ -314,13 +315,13 @@ def main() -> None:
                       file=sys.stderr)
 
     rows = []
-    if read(BY_NAME["baseline"], out) is None and not a.quick and not a.ends:
+    if not a.quick:  # the science benchmark's own SμPar LR runs, all four densities
         ref = pd.read_csv(REFERENCE)
         ref = ref[ref["param"] == "supar"]
-        rows.append(summarise("baseline_reference", ref, len(scale.densities),
-                              len(scale.seeds)).assign(what=REFERENCE_WHAT,
-                                                       command=REFERENCE_CMD,
-                                                       n_densities=len(scale.densities)))
+        rows.append(summarise("baseline_reference", ref, len(FULL.densities),
+                              len(FULL.seeds)).assign(what=REFERENCE_WHAT,
+                                                      command=REFERENCE_CMD,
+                                                      n_densities=len(FULL.densities)))
     print("\n# results (SμPar, optimum log2 lr per density: parabola vertex [95% interval "
           "over seeds])")
     for ab in ABLATIONS:  # every ablation that has data, whatever ran now
@@ -332,12 +333,15 @@ def main() -> None:
         df = summarise(ab.name, trials, len(densities), len(seeds)).assign(
             what=ab.what, command=shlex.join(command(ab, out, ran)),
             n_densities=len(densities))
-        rows.append(df)
+        if len(df):  # a study stopped before its first trial finished has nothing to report
+            rows.append(df)
     have = {r["ablation"].iloc[0] for r in rows}
     if not a.quick and str(a.previous) != "none" and a.previous.is_file():
-        prev = pd.read_csv(a.previous)
+        prev = pd.read_csv(a.previous)  # written at 4 decimals: 1/64 reads back as 0.0156
+        prev["density"] = prev["density"].map(
+            lambda d: min(FULL.densities, key=lambda x: abs(x - d)))
         for name, g in prev.groupby("ablation", sort=False):
-            if name not in have and (name in BY_NAME or name == "baseline_reference"):
+            if name not in have and name in BY_NAME:  # baseline_reference: re-fitted above
                 ran = g["command"].str.replace(r"\s+# from \S+$", "", regex=True)
                 rows.append(g.assign(command=ran + f"   # from {a.previous}"))
     for df in rows:

@@ -1,7 +1,7 @@
 """How far to trust a transferred LR: a rule measured on the repo's own stability runs.
 
 Why: SμPar's rules match µP's oracle, yet at CPU scale its optimal LR still climbs as density
-falls (0.63 octaves over densities 1 .. 1/64 in the science benchmark, README "What still
+falls (0.94 octaves over densities 1 .. 1/64 in the science benchmark, README "What still
 moves SμPar's optimum"). A user who transfers the proxy's HPs onto a sparse target should know
 how far off the LR is expected to be, what that costs, and when to pay for `transfer.check`
 (a local LR grid at the target). This module turns measured optima into that answer.
@@ -55,29 +55,29 @@ DATA_FILE = "results/reference/trust/trust_data.csv"
 # `python benchmarks/ablations.py --trust-data`.
 MEASURED: tuple[tuple, ...] = (
     ('science_reference', 'pystdlib', 'mup', 128, 64, 0.015625, 307200, 3,
-     -3.0568, -3.2361, -2.6249, 2.5642, 1.386, 2.4337),
+     -3.0572, -3.2363, -2.6249, 2.5639, 1.386, 2.4337),
     ('science_reference', 'pystdlib', 'mup', 128, 64, 0.0625, 307200, 3,
-     -3.0705, -3.2656, -2.9228, 2.5506, 1.8145, 2.3208),
+     -3.0707, -3.2657, -2.9246, 2.5505, 1.8137, 2.3208),
     ('science_reference', 'pystdlib', 'mup', 128, 64, 0.25, 307200, 3,
-     -3.8871, -4.1406, -3.7802, 1.734, 3.3203, 2.305),
+     -3.8824, -4.1392, -3.7777, 1.7387, 3.3203, 2.305),
     ('science_reference', 'pystdlib', 'mup', 128, 64, 1.0, 307200, 3,
-     -5.6211, -5.7992, -5.5309, 0.0, 0.8982, 2.2377),
+     -5.6211, -5.7992, -5.531, 0.0, 0.8982, 2.2377),
     ('science_reference', 'pystdlib', 'sp', 128, 64, 0.015625, 307200, 3,
-     -3.5147, -3.8704, -3.3233, 3.1657, 1.6381, 2.4246),
+     -3.5149, -3.8702, -3.3228, 3.1002, 1.6386, 2.4246),
     ('science_reference', 'pystdlib', 'sp', 128, 64, 0.0625, 307200, 3,
-     -3.9879, -4.1672, -3.7865, 2.6925, 6.0926, 2.3148),
+     -3.9948, -4.0401, -3.9786, 2.6204, 6.0776, 2.3149),
     ('science_reference', 'pystdlib', 'sp', 128, 64, 0.25, 307200, 3,
-     -5.3308, -5.5018, -5.1562, 1.3496, 7.1158, 2.2647),
+     -5.3374, -5.4705, -5.0376, 1.2778, 5.2045, 2.2647),
     ('science_reference', 'pystdlib', 'sp', 128, 64, 1.0, 307200, 3,
-     -6.6805, -7.0027, -6.593, 0.0, 0.9925, 2.5212),
+     -6.6152, -6.923, -6.5741, 0.0, 2.5853, 2.5112),
     ('science_reference', 'pystdlib', 'supar', 128, 64, 0.015625, 307200, 3,
-     -4.9931, -5.1025, -4.5488, 0.6279, 1.5421, 2.4779),
+     -4.686, -4.7424, -4.6184, 0.9351, 2.7001, 2.455),
     ('science_reference', 'pystdlib', 'supar', 128, 64, 0.0625, 307200, 3,
-     -5.104, -5.1482, -4.9311, 0.5171, 1.2752, 2.3191),
+     -4.7398, -5.1293, -4.6252, 0.8813, 0.3006, 2.3173),
     ('science_reference', 'pystdlib', 'supar', 128, 64, 0.25, 307200, 3,
-     -5.2859, -5.3822, -5.0053, 0.3352, 5.6101, 2.2315),
+     -5.2991, -5.469, -5.1013, 0.322, 3.0984, 2.2315),
     ('science_reference', 'pystdlib', 'supar', 128, 64, 1.0, 307200, 3,
-     -5.6211, -5.7992, -5.5309, 0.0, 0.8982, 2.2377),
+     -5.6211, -5.7992, -5.531, 0.0, 0.8982, 2.2377),
     ('ablation_corpus_licenses', 'common-licenses', 'supar', 128, 64, 0.015625, 307200, 3,
      -5.2121, -5.6263, -5.1027, 1.0106, 1.9318, 2.6397),
     ('ablation_corpus_licenses', 'common-licenses', 'supar', 128, 64, 0.0625, 307200, 3,
@@ -86,6 +86,10 @@ MEASURED: tuple[tuple, ...] = (
      -5.5728, -5.9591, -5.0, 0.6499, 2.9921, 2.28),
     ('ablation_corpus_licenses', 'common-licenses', 'supar', 128, 64, 1.0, 307200, 3,
      -6.2227, -6.4629, -6.1177, 0.0, 1.898, 2.2718),
+    ('ablation_steps_1000', 'pystdlib', 'supar', 128, 64, 0.015625, 1024000, 3,
+     -5.8283, -5.9862, -5.2292, 0.5669, 4.6259, 2.2214),
+    ('ablation_steps_1000', 'pystdlib', 'supar', 128, 64, 1.0, 1024000, 3,
+     -6.3952, -6.8208, -5.9515, 0.0, 1.475, 1.8422),
     ('whatif_width256', 'pystdlib', 'supar', 256, 64, 1.0, 307200, 3,
      -5.63, math.nan, math.nan, 0.0, math.nan, math.nan),
     ('whatif_width256', 'pystdlib', 'supar', 256, 64, 0.25, 307200, 3,
