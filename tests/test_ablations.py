@@ -107,26 +107,24 @@ def test_quick_run_writes_its_table_figure_and_commands(tmp_path: Path) -> None:
     assert "steps_1000: not run" in out.stdout
 
 
-def test_a_report_keeps_earlier_measurements_whose_studies_are_gone(tmp_path: Path) -> None:
+def test_a_report_keeps_earlier_measurements_whose_studies_are_gone(tmp_path: Path, capsys,
+                                                                    monkeypatch) -> None:
     """An ablation measured in an earlier session (only its row in the tracked table is kept)
     is reported from that table, marked so, when --out holds no study of it."""
-    env = {**os.environ, "MPLBACKEND": "Agg"}
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablations.py"),
-                          "--report-only", "--out", str(tmp_path)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--report-only", "--out", str(tmp_path)])
+    ablations.main()
+    out = capsys.readouterr().out
     previous = pd.read_csv(ablations.PREVIOUS)
     table = pd.read_csv(tmp_path / "ablations.csv")
     assert set(table["ablation"]) == set(previous["ablation"])
     kept = table[table["ablation"] == "corpus_licenses"]
     assert kept["command"].str.endswith(f"# from {ablations.PREVIOUS}").all()
-    assert "corpus_licenses: spread 1.59 octaves" in run.stdout
+    assert "corpus_licenses: spread 1.59 octaves" in out
     # once read back from its own output, the mark is not doubled
-    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablations.py"),
-                            "--report-only", "--out", str(tmp_path / "b"), "--previous",
-                            str(tmp_path / "ablations.csv")],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0, again.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--report-only", "--out",
+                                      str(tmp_path / "b"), "--previous",
+                                      str(tmp_path / "ablations.csv")])
+    ablations.main()
     twice = pd.read_csv(tmp_path / "b" / "ablations.csv")
     earlier = twice[twice["ablation"] != "baseline_reference"]  # re-fitted, not kept
     assert len(earlier) and (earlier["command"].str.count("# from ") == 1).all()
