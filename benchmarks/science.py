@@ -19,7 +19,7 @@ per criterion with the measured figure and pass/fail (the issue's thresholds, ne
 At density 1 SμPar is µP (SUPAR.md §1.3): µP's sweeps run only the sparser densities. Every
 study resumes by itself: a rerun runs what is missing, then judges.
 
-    .venv/bin/python benchmarks/science.py          # the full benchmark (2 cores)
+    .venv/bin/python benchmarks/science.py          # the full benchmark (44 min, 2 cores)
     .venv/bin/python benchmarks/science.py --quick  # criteria 1 and 3, reduced
 """
 
@@ -173,9 +173,10 @@ def wait(procs: dict[str, subprocess.Popen]) -> list[tuple[str, int]]:
 def proxy_hps(out: Path) -> dict[str, float]:
     """The best proxy trial's HPs; {} if it has none."""
     t = read(out, ["proxy"])
-    ok = not t.empty and (t["state"] == "COMPLETE").any()
-    return {h: float(v) for h, v in select_hps(t, select="best", hps=list(HPS), source="proxy")
-            .items() if h in HPS} if ok else {}
+    if t.empty or not (t["state"] == "COMPLETE").any():
+        return {}
+    best = select_hps(t, select="best", hps=list(HPS), source="proxy")
+    return {h: float(best[h]) for h in HPS}
 
 
 def stability_line(label: str, x: str, ran: pd.DataFrame, s: Scale, fig: Path
