@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -233,13 +232,14 @@ def test_masked_weights_stay_zero_under_torch_compile():
     assert torch.allclose(compiled(idx, idx)[0], eager, atol=1e-4)  # hooks traced, not lost
 
 
-# -- the built-in GPT through the same path: bit for bit what the code before it gave -----------
+# -- the built-in GPT through the same path: what the code before it gave (state bit for bit) ---
 
 FIXTURE = json.loads((Path(__file__).parent / "data" / "gpt_losses.json").read_text())
+LOSS_RTOL = 5e-6  # 16x the measured spread across CPU kernels, below a 1e-4 change of the LR
 
 
 @pytest.mark.parametrize("case", sorted(FIXTURE["cases"]))
-def test_builtin_gpt_is_bit_identical_to_the_code_before_parameterize(case):
+def test_builtin_gpt_trains_as_the_code_before_parameterize(case):
     from spartune import train
     from spartune.model import build_model
 
@@ -256,16 +256,27 @@ def test_builtin_gpt_is_bit_identical_to_the_code_before_parameterize(case):
                   for g in groups for p in g["params"]) == c["groups"]
     assert [float(v).hex() for v in (model.embed.mult, model.unembed.mult,
                                      model.blocks[0].attn.scale)] == c["mults"]
-    if (torch.__version__, platform.machine()) != (FIXTURE["torch"], FIXTURE["machine"]):
-        pytest.skip("losses were recorded with another torch or CPU: float kernels differ")
+    # The losses cannot be compared bit for bit on every CPU: the fixture was recorded on one
+    # AMD EPYC, and another x86 CPU (or ARM) runs other vectorised kernels and MKL code paths that
+    # sum in another order. LOSS_RTOL is derived from that spread, measured on this fixture with
+    # the current code by forcing each of ATen's CPU kernel paths (ATEN_CPU_CAPABILITY=default,
+    # avx2, avx512, and 2 threads): the worst relative difference from the recorded losses was
+    # 3.1e-7 (scalar kernels; 0.9e-7 for avx2/avx512), and an Intel Xeon's reported difference is
+    # two float32 ulps (~1e-7). A change of the training path is far larger: scaling the LR by
+    # 1.0001 moves every case's losses by 1.1e-5 to 6.7e-5 relative, by 1.001 by 1.1e-4 to 6.9e-4.
+    # The initial weights, masks, LR groups and multipliers above stay exact on every CPU.
     threads = torch.get_num_threads()
-    cfg.train.threads = FIXTURE["threads"]  # reductions split over threads round differently
+    cfg.train.threads = FIXTURE["threads"]  # fewer reduction orders to differ in
     try:
         m = train.run(cfg)
     finally:
         torch.set_num_threads(threads)
-    assert [float(r["train_loss"]).hex() for r in m["curve"]] == c["train"]
-    assert [float(r["val_loss"]).hex() for r in m["curve"]] == c["val"]
+    recorded = {"train": [float.fromhex(h) for h in c["train"]],
+                "val": [float.fromhex(h) for h in c["val"]]}
+    got = {"train": [float(r["train_loss"]) for r in m["curve"]],
+           "val": [float(r["val_loss"]) for r in m["curve"]]}
+    for kind in ("train", "val"):
+        assert got[kind] == pytest.approx(recorded[kind], rel=LOSS_RTOL, abs=0), kind
 
 
 def test_builtin_gpt_table_comes_from_the_same_function():
