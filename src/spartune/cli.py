@@ -306,23 +306,6 @@ def _preflight(argv: list[str], primary: str, config_name: str,
         return
 
 
-def _version() -> str:
-    """spartune's version and those of what it runs on, without importing any of them."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import spartune
-
-    def v(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return (f"{_command()} (spartune {spartune.__version__}): torch {v('torch')}, optuna "
-            f"{v('optuna')}, hydra-core {v('hydra-core')}, omegaconf {v('omegaconf')}, python "
-            f"{sys.version.split()[0]}")
-
-
 def hydra_app(config_name: str, task: Callable[[Config, Path], Any],
               check: Callable[[Config], None], *, trains: bool = True,
               run_dir: str | None = None) -> Callable[[], None]:
@@ -340,7 +323,7 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any],
         stops.obey_sigterm()  # SIGTERM stops as cleanly as Ctrl-C (stops.py)
         argv = sys.argv[1:]
         if "--version" in argv:
-            print(_version())
+            print(resources.version_line(_command()))
             sys.exit(0)
         completing = "-sc" in argv or "--shell-completion" in argv
         if completing:
