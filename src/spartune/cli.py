@@ -463,9 +463,13 @@ def _sweep(cfg: Config, run_dir: Path) -> None:
     out = sweep.study_dir(cfg)
     paths = collect.write_tables(trials, curves, out)
     figs = report.make_figures(trials, curves, out)
+    workers = cfg.study.workers
     print(f"study {cfg.study.name}: {res['finished']}/{res['total']} trials finished "
-          f"({res['ran_here']} run now, {res['seconds']:.0f} s); best val loss "
-          f"{res['best']:.4f}; storage {res['storage']}")
+          f"({res['ran_here']} run now by {workers} local worker{'s' * (workers > 1)}, "
+          f"{res['seconds']:.0f} s); best val loss {res['best']:.4f}; storage {res['storage']}")
+    best = report.best_line(trials, list(cfg.study.space))
+    if best is not None:
+        print(best)
     for line in res.get("notes", []):  # the bracketing search: each cell's optimum or bound
         print(line)
     for line in report.optimum_lines(trials, "lr") if "lr" in cfg.study.space else []:
