@@ -96,7 +96,10 @@ def _forget(run_dir: Path) -> None:
     own = {".hydra"} | {p.name for p in run_dir.glob("*.log")}
     if {p.name for p in run_dir.iterdir()} <= own:
         shutil.rmtree(run_dir, ignore_errors=True)
-        for parent in (run_dir.parent, run_dir.parent.parent):
+        top = Path(_RESULTS_DIR[0]).absolute() if _RESULTS_DIR else run_dir.parent.parent
+        for parent in run_dir.absolute().parents:  # up to the results folder, while empty
+            if not parent.is_relative_to(top):
+                break
             try:
                 parent.rmdir()  # only if now empty
             except OSError:
@@ -274,6 +277,8 @@ def _with_overrides(argv: list[str], change: Callable[[list[str]], list[str]]) -
     return out
 
 
+_RESULTS_DIR: list[str] = []  # the composed results_dir (_preflight), for _forget
+
 _NO_COMPOSE = {"-sc", "--shell-completion", "-h", "--help", "--hydra-help", "--info",
                "--experimental-rerun"}
 
@@ -298,7 +303,8 @@ def _preflight(argv: list[str], primary: str, config_name: str,
     if os.environ.get("RANK", "0") != "0":
         return  # other ranks write nothing (_scratch_for_other_ranks)
     try:
-        inputs.check_writable(str(dcfg.results_dir))
+        _RESULTS_DIR[:] = [str(dcfg.results_dir)]
+        inputs.check_writable(_RESULTS_DIR[0])
     except inputs.FolderError as e:
         fail("results_dir", f"{e}; point results_dir= at a folder you can write, then run "
                             "the same command again", stops.EXIT_ENVIRONMENT)
@@ -472,10 +478,12 @@ def _sweep(cfg: Config, run_dir: Path) -> None:
         print(best)
     for line in res.get("notes", []):  # the bracketing search: each cell's optimum or bound
         print(line)
-    for line in report.optimum_lines(trials, "lr") if "lr" in cfg.study.space else []:
+    one_hp = not report.searched_together(trials[trials["role"] == "search"])
+    for line in report.optimum_lines(trials, "lr") if "lr" in cfg.study.space and one_hp \
+            else []:  # an optimum along one HP means nothing where all of them varied
         print(line)
     for line in report.optimum_lines(trials, "init_std") if "init_std" in cfg.study.space \
-            else []:
+            and one_hp else []:
         print(line)
     for p in [*paths.values(), *figs]:
         print(f"wrote {p}")
@@ -520,7 +528,8 @@ def _plot(cfg: Config, run_dir: Path) -> None:
             collect.write_tables(trials, curves, out)
     trials, curves = collect.read_tables(out)
     figs = report.make_figures(trials, curves, out)
-    for line in report.optimum_lines(trials, "lr"):
+    one_hp = not report.searched_together(trials[trials["role"] == "search"])
+    for line in report.optimum_lines(trials, "lr") if one_hp else []:
         print(line)
     for p in figs:
         print(f"wrote {p}")

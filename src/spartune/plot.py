@@ -288,7 +288,7 @@ def search_scatter(trials: pd.DataFrame, hps: list[str]) -> Figure:
     if t.empty:
         raise ValueError("no finished, non-diverged trials to draw")
     best = t.loc[t["final_val_loss"].idxmin()]
-    fig = Figure(figsize=(2.6 * len(hps) + 0.6, 3.3), layout="constrained")
+    fig = Figure(figsize=(2.6 * len(hps) + 2.0, 3.5), layout="constrained")
     axes = fig.subplots(1, len(hps), sharey=True, squeeze=False)[0]
     for ax, hp in zip(axes, hps, strict=True):
         col = f"log2_{hp}"
@@ -296,15 +296,17 @@ def search_scatter(trials: pd.DataFrame, hps: list[str]) -> Figure:
                    edgecolors="none", label="finished trial")
         ax.plot(best[col], best["final_val_loss"], marker="*", markersize=13, color="#d62728",
                 markeredgecolor="black", markeredgewidth=0.6, linestyle="none",
-                label=f"best: {hp}={best[hp]:.3g}")
+                label="best trial")
+        ax.set_title(f"best {hp} = {best[hp]:.3g}", fontsize=9.5)
         ax.set_xlabel(HP_LABELS.get(hp, f"log2 {hp}"), fontsize=9.5)
-        ax.legend(fontsize=7.5, loc="upper center", frameon=False)
         ax.grid(True, alpha=0.3, linewidth=0.6)
         ax.tick_params(labelsize=8.5)
     lo, med = t["final_val_loss"].min(), t["final_val_loss"].median()
     top = min(t["final_val_loss"].max(), lo + 3 * (med - lo)) + 0.05 * max(med - lo, 0.02)
     axes[0].set_ylim(lo - 0.08 * (top - lo), top)
     axes[0].set_ylabel(LOSS_LABEL, fontsize=9.5)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8.5, frameon=False)
     _title(fig, f"Search over {', '.join(HP_NAMES.get(h, h) for h in hps)}: {len(t)} finished "
                 f"trials, the best starred (val loss {best['final_val_loss']:.4f})")
     return fig

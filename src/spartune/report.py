@@ -23,7 +23,7 @@ def _varied(trials: pd.DataFrame, x: str, role: str) -> bool:
     return bool((per_group >= 3).any())
 
 
-def _searched_together(t: pd.DataFrame) -> list[str]:
+def searched_together(t: pd.DataFrame) -> list[str]:
     """The HPs a search varied together within one cell group (a TPE proxy: all four), or []
     when each group varies one HP alone (a stability grid or bracket)."""
     if t.empty:
@@ -42,7 +42,7 @@ def make_figures(trials: pd.DataFrame, curves: pd.DataFrame, out_dir: Path) -> l
     def emit(fig, name: str) -> None:
         written.extend(p for p in plot.save(fig, figs / name) if p.suffix == ".png")
 
-    together = _searched_together(trials[trials["role"] == "search"])
+    together = searched_together(trials[trials["role"] == "search"])
     if together:  # TPE & co. over several HPs: loss vs each HP, not a stability curve
         emit(plot.search_scatter(trials[trials["role"] == "search"], together), "search")
     else:
