@@ -158,8 +158,12 @@ def translate(e: BaseException, overrides: list[str], groups: list[str]) -> tupl
     full = key or "config"
     if isinstance(inner, ConfigKeyError | ConfigAttributeError) and key:
         home = next((d for d in dict_fields() if key.startswith(d + ".")), None)
+        if home == "study.space":  # OmegaConf cannot add a typed SearchDim entry from here
+            return key, ("is not a dimension of this sweep's study.space; a new HP is added in "
+                         "the sweep file (space: {NAME: {low: ..., high: ...}}; spartune-init "
+                         "copies the sweep files to edit)")
         if home is not None:
-            return key, f"{inner.msg if hasattr(inner, 'msg') else _first_line(inner)}"
+            return key, _first_line(inner)
         what = "no such field" if "." in key else "no config group or field of that name"
         return key, f"{what}; {_suggest(key, groups)} (--cfg job prints every field)"
     if isinstance(inner, ValidationError) and key:

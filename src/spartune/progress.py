@@ -24,7 +24,7 @@ EVERY_S = 30.0  # SPARTUNE_PROGRESS_SECONDS changes it (tests use a fraction of 
 
 @dataclass(frozen=True)
 class Tally:
-    done: int  # finished: complete, pruned or failed (what the budget counts)
+    done: int  # complete or pruned: what the budget counts (a failed trial is run again)
     failed: int
     ran_here: int  # finished since `since` by one of the given local processes
 
@@ -45,7 +45,7 @@ def tally(storage: Any, study: str, pids: Iterable[int] = (), since: float = 0.0
                                                          TrialState.PRUNED, TrialState.FAIL)):
             if t.user_attrs.get("surplus"):
                 continue
-            done += 1
+            done += t.state != TrialState.FAIL
             failed += t.state == TrialState.FAIL
             owner = str(t.user_attrs.get("worker", ""))
             ended = t.datetime_complete.timestamp() if t.datetime_complete else 0.0

@@ -16,7 +16,7 @@ from spartune.columns import HP_FIELDS
 
 
 def _varied(trials: pd.DataFrame, x: str, role: str) -> bool:
-    t = trials[trials["role"] == role]
+    t = trials[(trials["role"] == role) & (trials["state"] == "COMPLETE")]
     if t.empty:
         return False
     per_group = t.groupby(["param", "width", "density"])[f"log2_{x}"].nunique()
@@ -26,6 +26,7 @@ def _varied(trials: pd.DataFrame, x: str, role: str) -> bool:
 def searched_together(t: pd.DataFrame) -> list[str]:
     """The HPs a search varied together within one cell group (a TPE proxy: all four), or []
     when each group varies one HP alone (a stability grid or bracket)."""
+    t = t[(t["state"] == "COMPLETE") & ~t["diverged"].fillna(False).astype(bool)]
     if t.empty:
         return []
     hps = [h for h in HP_FIELDS if f"log2_{h}" in t.columns]

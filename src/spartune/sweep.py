@@ -913,7 +913,7 @@ def sweep(cfg: Config) -> dict[str, Any]:
     pids = [os.getpid(), *(p.pid for p in procs)]
     from spartune import progress as lines  # a line every 30 s when stdout is a log
 
-    ticker = lines.Ticker(cfg.study.name, n_total, done0,
+    ticker = lines.Ticker(cfg.study.name, n_total, lines.tally(storage, cfg.study.name).done,
                           lambda: lines.tally(storage, cfg.study.name, pids, since)).start()
     try:
         run_worker(cfg, 0, progress)
