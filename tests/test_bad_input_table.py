@@ -394,9 +394,8 @@ def test_each_row_ends_as_the_table_says(row, workdir, monkeypatch, capsys):
 
 
 def _assert_trial_failed_with_its_last_line(work: Path) -> None:
-    import pandas as pd
-
     import optuna
+    import pandas as pd
 
     from spartune import collect
 
