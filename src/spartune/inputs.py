@@ -49,7 +49,8 @@ def check_finite(cfg: Config) -> None:
     for path, value in _walk(cfg, ""):
         if isinstance(value, float) and not math.isfinite(value):
             field = path.split("[", 1)[0]
-            raise ConfigError(field, f"{value} is not a finite number ({path}); give a finite "
+            where = f" (at {path})" if path != field else ""
+            raise ConfigError(field, f"{value} is not a finite number{where}; give a finite "
                               "value (null where the field allows none)")
 
 
