@@ -367,8 +367,13 @@ def _run(run: Run, work: Path, mp: pytest.MonkeyPatch, capsys) -> tuple[int, str
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("row", list(CASES), ids=[re.sub(r"[`'\" ]+", "_", r)[:60]
-                                                 for r in CASES])
+# Rows that train a model (seconds each): run by the whole suite, not by -m "not slow".
+SLOW = {"a checkpoint from another configuration"}
+
+
+@pytest.mark.parametrize("row", [pytest.param(r, marks=pytest.mark.slow) if r in SLOW else r
+                                 for r in CASES],
+                         ids=[re.sub(r"[`'\" ]+", "_", r)[:60] for r in CASES])
 def test_each_row_ends_as_the_table_says(row, workdir, monkeypatch, capsys):
     for case in CASES[row]:
         if isinstance(case, Call):
