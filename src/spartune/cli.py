@@ -328,6 +328,7 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any],
     def main() -> None:
         stops.obey_sigterm()  # SIGTERM stops as cleanly as Ctrl-C (stops.py)
         argv = sys.argv[1:]
+        _RESULTS_DIR.clear()
         if "--version" in argv:
             print(resources.version_line(_command()))
             sys.exit(0)
