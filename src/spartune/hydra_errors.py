@@ -153,6 +153,12 @@ def translate(e: BaseException, overrides: list[str], groups: list[str]) -> tupl
         where = m.group(1) if m else "config"
         group = where.rpartition("/")[0] or where
         return group.replace("/", "."), _first_line(e)
+    m = re.search(r"(?:Ambiguous value for argument|Sweep parameters) '([^']+)'", str(e))
+    if m:  # `a=1,2` or `range(...)` outside -m
+        parts = _split(m.group(1))
+        return (parts[1] if parts else "override",
+                f"{m.group(1)!r} sweeps several values: add -m (--multirun) for one job per "
+                "value, or write a list in brackets ([0,1]) where the field takes one")
     inner = _omegaconf_error(e)
     key = str(getattr(inner, "full_key", "") or "") if inner is not None else ""
     full = key or "config"
