@@ -232,4 +232,5 @@ def test_forked_worker_tags_its_trials_with_its_own_pid(tmp_path, monkeypatch):
     pids = [int(t.user_attrs["worker"].split(":")[1]) for t in study.trials]
     in_child = [p for p in pids if p != os.getpid()]
     # a child tagged with its parent's pid would look alive after a crash and never be recovered
-    assert len(in_child) == 8 - res["ran_here"] > 0
+    assert 0 < len(in_child) < 8
+    assert res["ran_here"] == 8  # every local worker's trials count as run now, not the parent's

@@ -469,6 +469,14 @@ def status(cfg: Config, storage: Any) -> list[tuple[Group, Plan]]:
     return out
 
 
+def _bracketed(p: Plan) -> bool:
+    """The seed-mean minimum has a worse point on each side (a diverged one counts)."""
+    if p.best is None:
+        return False
+    return (any(x < p.best and v > p.means[p.best] for x, v in p.means.items())
+            and any(x > p.best and v > p.means[p.best] for x, v in p.means.items()))
+
+
 def summary(cfg: Config, storage: Any) -> tuple[list[str], int]:
     """One line per group (its optimum, or why it has none), and how many points the open
     searches still miss (at least one per open search)."""
@@ -485,6 +493,11 @@ def summary(cfg: Config, storage: Any) -> tuple[list[str], int]:
             side = "low" if p.status == "at_low_bound" else "high"
             what = (f"minimum at the {side} bound {ax.name}={unit(p.best)}: no optimum inside "
                     "the axis; widen study.space")
+        elif p.status == "max_points" and _bracketed(p):
+            what = (f"bracketed at {ax.name}={unit(p.best)} ({ax.param} {p.best:g}: worse "
+                    f"neighbours on both sides) but not refined: study.max_points="
+                    f"{ax.max_points} was reached before the half-step point; the optimum "
+                    "line fits the bracket on the step grid")
         elif p.status == "max_points":
             what = f"not bracketed within study.max_points={ax.max_points}"
         elif p.status == "diverged":

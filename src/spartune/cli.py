@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from spartune import atomic, resources, stops
+from spartune import atomic, inputs, resources, stops
 from spartune.config import Config, ConfigError, register_configs, to_config, validate
 
 log = logging.getLogger("spartune")
@@ -28,8 +28,12 @@ def fail(field: str, message: str, code: int = stops.EXIT_USAGE) -> None:
 
 
 def _roots(argv: list[str]) -> list[resources.Root]:
+    config_dir = _flag(argv, "-cd", "--config-dir")
+    if config_dir is not None and not Path(config_dir).is_dir():
+        fail("--config-dir", f"no folder {config_dir!r} (from {Path.cwd()}); name a folder "
+                             "holding sweep files or conf/, or drop -cd")
     try:
-        return resources.roots(_flag(argv, "-cd", "--config-dir"))
+        return resources.roots(config_dir)
     except resources.MissingConfigs as e:
         fail("SPARTUNE_HOME" if "SPARTUNE_HOME" in str(e) else "config", str(e))
         raise AssertionError from None  # unreachable
@@ -92,7 +96,10 @@ def _forget(run_dir: Path) -> None:
     own = {".hydra"} | {p.name for p in run_dir.glob("*.log")}
     if {p.name for p in run_dir.iterdir()} <= own:
         shutil.rmtree(run_dir, ignore_errors=True)
-        for parent in (run_dir.parent, run_dir.parent.parent):
+        top = Path(_RESULTS_DIR[0]).absolute() if _RESULTS_DIR else run_dir.parent.parent
+        for parent in run_dir.absolute().parents:  # up to the results folder, while empty
+            if not parent.is_relative_to(top):
+                break
             try:
                 parent.rmdir()  # only if now empty
             except OSError:
@@ -179,18 +186,35 @@ def _help_overrides(argv: list[str], all_roots: list[resources.Root]) -> list[st
     return argv
 
 
+def _completion_argv(argv: list[str]) -> list[str]:
+    """Completion runs as `CMD -sc query=bash` with the typed line in COMP_LINE: a `-cn NAME`
+    or `-cd DIR` typed there chooses the config it completes against."""
+    words = os.environ.get("COMP_LINE", "").split()[1:]
+    for short, long in (("-cn", "--config-name"), ("-cd", "--config-dir")):
+        value = _flag(words, short, long)
+        if value is not None and _flag(argv, short, long) is None:
+            argv = [*argv, short, value]
+    return argv
+
+
 def _completion_line(all_roots: list[resources.Root], primary: str) -> None:
     """Shell completion (`eval "$(spartune-train -sc install=bash)"`) reads the typed line
-    from COMP_LINE, not argv: put the search path there too, so groups complete."""
+    from COMP_LINE, not argv: put the search path there too, so groups complete. It goes
+    where _add_overrides puts overrides (after `-cn NAME`: Hydra's argparse takes the
+    overrides as one run of positionals)."""
     line = os.environ.get("COMP_LINE")
     if not line or "hydra.searchpath=" in line:
         return
-    head, sep, rest = line.partition(" ")
+    head, _, rest = line.partition(" ")
     others = ",".join(r.url for r in all_roots if primary not in (r.url, str(r.path)))
-    extra = f" hydra.searchpath=[{others}]"
-    os.environ["COMP_LINE"] = head + extra + sep + rest
-    if "COMP_POINT" in os.environ:
-        os.environ["COMP_POINT"] = str(int(os.environ["COMP_POINT"]) + len(extra))
+    extra = f"hydra.searchpath=[{others}]"
+    words = rest.split(" ")
+    if words and words[-1] != "":  # the word being completed stays last
+        new = [*_add_overrides(words[:-1], extra), words[-1]]
+    else:
+        new = [*_add_overrides([w for w in words if w], extra), ""]
+    os.environ["COMP_LINE"] = head + " " + " ".join(new)
+    os.environ["COMP_POINT"] = str(len(os.environ["COMP_LINE"]))
 
 
 def _pop_worker(dcfg: Any) -> int | None:
@@ -224,13 +248,79 @@ def _config_name(argv: list[str]) -> str | None:
     return None
 
 
+def _positional_indices(argv: list[str]) -> list[int]:
+    """Where the overrides of a Hydra command line are (its positionals, not flag values)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _VALUED or (arg == "--info" and i + 1 < len(argv) and "=" not in argv[i + 1]
+                              and not argv[i + 1].startswith("-")):
+            i += 2
+            continue
+        if not arg.startswith("-"):
+            out.append(i)
+        i += 1
+    return out
+
+
+def _positionals(argv: list[str]) -> list[str]:
+    """The overrides of a Hydra command line, flags and their values left out."""
+    return [argv[i] for i in _positional_indices(argv)]
+
+
+def _with_overrides(argv: list[str], change: Callable[[list[str]], list[str]]) -> list[str]:
+    """argv with its overrides replaced, one for one, by `change(overrides)`."""
+    at = _positional_indices(argv)
+    out = list(argv)
+    for i, new in zip(at, change([argv[i] for i in at]), strict=True):
+        out[i] = new
+    return out
+
+
+_RESULTS_DIR: list[str] = []  # the composed results_dir (_preflight), for _forget
+
+_NO_COMPOSE = {"-sc", "--shell-completion", "-h", "--help", "--hydra-help", "--info",
+               "--experimental-rerun"}
+
+
+def _preflight(argv: list[str], primary: str, config_name: str,
+               all_roots: list[resources.Root]) -> None:
+    """Compose once through Hydra's public API, so a typo, a wrong type or an unknown group
+    ends in spartune's one line (hydra_errors.py); then check the results folder can be
+    written, before Hydra makes a run folder in it."""
+    if _NO_COMPOSE & set(argv):
+        return
+    from spartune import hydra_errors
+
+    groups = sorted({d.name for r in all_roots if r.kind != "sweeps" for d in r.path.iterdir()
+                     if d.is_dir() and d.name != "hydra" and any(d.glob("*.yaml"))})
+    try:
+        dcfg = hydra_errors.preflight(primary, _config_name(argv) or config_name,
+                                      _positionals(argv), groups,
+                                      multirun="-m" in argv or "--multirun" in argv)
+    except hydra_errors.ComposeError as e:
+        fail(e.field, e.message)
+    if os.environ.get("RANK", "0") != "0":
+        return  # other ranks write nothing (_scratch_for_other_ranks)
+    try:
+        _RESULTS_DIR[:] = [str(dcfg.results_dir)]
+        inputs.check_writable(_RESULTS_DIR[0])
+    except inputs.FolderError as e:
+        fail("results_dir", f"{e}; point results_dir= at a folder you can write, then run "
+                            "the same command again", stops.EXIT_ENVIRONMENT)
+    except Exception:  # an interpolation the command itself resolves (and reports) later
+        return
+
+
 def hydra_app(config_name: str, task: Callable[[Config, Path], Any],
-              check: Callable[[Config], None], *, trains: bool = True) -> Callable[[], None]:
+              check: Callable[[Config], None], *, trains: bool = True,
+              run_dir: str | None = None) -> Callable[[], None]:
     """Wrap `task(cfg, run_dir)` as a Hydra app whose errors are one clear line.
 
     `check(cfg)` is the command's torch-free validation, run before torch loads (~2 s), so bad
     input fails in about a second; `trains` says whether the task runs torch at all (the
-    denormal flush is set up only then, before any torch op starts the thread pool)."""
+    denormal flush is set up only then, before any torch op starts the thread pool);
+    `run_dir` replaces the config's `hydra.run.dir` (unless the command line sets it)."""
     import hydra
     from omegaconf import DictConfig
     from omegaconf.errors import OmegaConfBaseException
@@ -238,17 +328,30 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any],
     def main() -> None:
         stops.obey_sigterm()  # SIGTERM stops as cleanly as Ctrl-C (stops.py)
         argv = sys.argv[1:]
-        all_roots = _roots(argv)
+        _RESULTS_DIR.clear()
+        if "--version" in argv:
+            print(resources.version_line(_command()))
+            sys.exit(0)
         completing = "-sc" in argv or "--shell-completion" in argv
+        if completing:
+            argv = _completion_argv(argv)
+        all_roots = _roots(argv)
         if not completing:
             _check_group_choices(argv, all_roots)
             _check_config_name(argv, all_roots)
+        from spartune.hydra_errors import open_dicts
+
+        argv = _with_overrides(argv, open_dicts)
+        if run_dir is not None and not any(a.startswith("hydra.run.dir=") for a in argv):
+            argv = _add_overrides(argv, f"hydra.run.dir={run_dir}")
         primary, argv = _config_dirs(argv, config_name, all_roots)
         if completing:
             _completion_line(all_roots, primary)
+        register_configs()
+        if not completing:
+            _preflight(argv, primary, config_name, all_roots)
         sys.argv[1:] = _help_overrides(argv, all_roots)
         scratch = _scratch_for_other_ranks()
-        register_configs()
 
         @hydra.main(version_base="1.3", config_path=primary, config_name=config_name)
         def _main(dcfg: DictConfig) -> None:
@@ -257,6 +360,8 @@ def hydra_app(config_name: str, task: Callable[[Config, Path], Any],
                 worker = _pop_worker(dcfg)
                 cfg = to_config(dcfg)
                 _spread_seed(cfg, worker)
+                inputs.check_finite(cfg)  # every command: no NaN/inf, no axis value twice
+                inputs.check_distinct(cfg)
                 check(cfg)
                 if trains:  # here, not earlier: --help, --cfg, completion, bad input need no torch
                     from spartune.train import flush_denormals
@@ -365,15 +470,21 @@ def _sweep(cfg: Config, run_dir: Path) -> None:
     out = sweep.study_dir(cfg)
     paths = collect.write_tables(trials, curves, out)
     figs = report.make_figures(trials, curves, out)
+    workers = cfg.study.workers
     print(f"study {cfg.study.name}: {res['finished']}/{res['total']} trials finished "
-          f"({res['ran_here']} run now, {res['seconds']:.0f} s); best val loss "
-          f"{res['best']:.4f}; storage {res['storage']}")
+          f"({res['ran_here']} run now by {workers} local worker{'s' * (workers > 1)}, "
+          f"{res['seconds']:.0f} s); best val loss {res['best']:.4f}; storage {res['storage']}")
+    best = report.best_line(trials, list(cfg.study.space))
+    if best is not None:
+        print(best)
     for line in res.get("notes", []):  # the bracketing search: each cell's optimum or bound
         print(line)
-    for line in report.optimum_lines(trials, "lr") if "lr" in cfg.study.space else []:
+    one_hp = not report.searched_together(trials[trials["role"] == "search"])
+    for line in report.optimum_lines(trials, "lr") if "lr" in cfg.study.space and one_hp \
+            else []:  # an optimum along one HP means nothing where all of them varied
         print(line)
     for line in report.optimum_lines(trials, "init_std") if "init_std" in cfg.study.space \
-            else []:
+            and one_hp else []:
         print(line)
     for p in [*paths.values(), *figs]:
         print(f"wrote {p}")
@@ -418,7 +529,8 @@ def _plot(cfg: Config, run_dir: Path) -> None:
             collect.write_tables(trials, curves, out)
     trials, curves = collect.read_tables(out)
     figs = report.make_figures(trials, curves, out)
-    for line in report.optimum_lines(trials, "lr"):
+    one_hp = not report.searched_together(trials[trials["role"] == "search"])
+    for line in report.optimum_lines(trials, "lr") if one_hp else []:
         print(line)
     for p in figs:
         print(f"wrote {p}")
@@ -454,5 +566,7 @@ train_main = hydra_app("config", _train, validate)
 coord_main = hydra_app("coord", _coord, _check_coord)
 sweep_main = hydra_app("proxy", _sweep, _check_sweep)
 transfer_main = hydra_app("transfer", _transfer, _check_transfer)
-plot_main = hydra_app("config", _plot, _check_plot, trains=False)
+# its Hydra run folder (the composed config) beside the study it draws, not under results/train
+plot_main = hydra_app("config", _plot, _check_plot, trains=False,
+                      run_dir="${results_dir}/${study.name}/plot/${now:%Y-%m-%d_%H-%M-%S}")
 pipeline_main = hydra_app("run_pipeline", _pipeline, _check_pipeline)

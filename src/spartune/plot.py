@@ -207,7 +207,8 @@ def lr_stability(trials: pd.DataFrame, x: str = "lr", width: int | None = None) 
     params = _ordered_params(grid["param"])
     densities = sorted(grid["density"].unique(), reverse=True)
 
-    fig = Figure(figsize=(2.6 * len(params) + 0.4, 3.3), layout="constrained")
+    # the legend sits outside, right: room for it, so one panel is not squeezed to a sliver
+    fig = Figure(figsize=(2.6 * len(params) + 2.2, 3.5), layout="constrained")
     axes = fig.subplots(1, len(params), sharey=True, squeeze=False)[0]
     minima, any_edge, any_interval = [], False, False
     for ax, param in zip(axes, params, strict=True):
@@ -262,8 +263,52 @@ def lr_stability(trials: pd.DataFrame, x: str = "lr", width: int | None = None) 
     fig.legend(handles, labels, title="density ρ", loc="outside right center", fontsize=8.5,
                title_fontsize=9, frameon=False)
     spread = f"mean ± s.e. over {_n_seeds(sel)}" if sel["seed"].nunique() > 1 else "1 seed"
-    fig.suptitle(f"Validation loss vs {HP_NAMES.get(x, x)}: width {width}, {spread}",
-                 fontsize=11)
+    _title(fig, f"Validation loss vs {HP_NAMES.get(x, x)}: width {width}, {spread}")
+    return fig
+
+
+def _title(fig: Figure, text: str, fontsize: float = 11) -> None:
+    """A suptitle wrapped to the figure's width (about 11 characters per inch at 11 pt), so a
+    narrow figure does not cut it off at both ends."""
+    import textwrap
+
+    chars = max(24, int(fig.get_figwidth() * 120 / fontsize))
+    fig.suptitle(textwrap.fill(text, chars), fontsize=fontsize)
+
+
+def search_scatter(trials: pd.DataFrame, hps: list[str]) -> Figure:
+    """A search over several HPs at once (TPE, random, ...), drawn as what it is: the final
+    validation loss of every finished trial against each HP, the best trial starred.
+
+    Its samples vary all HPs together, so a line through them along one HP would be no
+    stability curve; the panels only show where the good trials lie. Diverged trials are
+    left out; y is capped above the median so blown-up trials do not flatten the rest."""
+    t = trials[(trials["state"] == "COMPLETE") & ~trials["diverged"].astype(bool)]
+    t = t[t["final_val_loss"].notna()]
+    if t.empty:
+        raise ValueError("no finished, non-diverged trials to draw")
+    best = t.loc[t["final_val_loss"].idxmin()]
+    fig = Figure(figsize=(2.6 * len(hps) + 2.0, 3.5), layout="constrained")
+    axes = fig.subplots(1, len(hps), sharey=True, squeeze=False)[0]
+    for ax, hp in zip(axes, hps, strict=True):
+        col = f"log2_{hp}"
+        ax.scatter(t[col], t["final_val_loss"], s=14, color="#4c72b0", alpha=0.7,
+                   edgecolors="none", label="finished trial")
+        ax.plot(best[col], best["final_val_loss"], marker="*", markersize=13, color="#d62728",
+                markeredgecolor="black", markeredgewidth=0.6, linestyle="none",
+                label="best trial")
+        ax.set_title(f"best {hp} = {best[hp]:.3g}", fontsize=9.5)
+        ax.set_xlabel(HP_LABELS.get(hp, f"log2 {hp}"), fontsize=9.5)
+        ax.grid(True, alpha=0.3, linewidth=0.6)
+        ax.tick_params(labelsize=8.5)
+    lo, med = t["final_val_loss"].min(), t["final_val_loss"].median()
+    top = min(t["final_val_loss"].max(), lo + 3 * (med - lo)) + 0.05 * max(med - lo, 0.02)
+    axes[0].set_ylim(lo - 0.08 * (top - lo), top)
+    axes[0].set_ylabel(LOSS_LABEL, fontsize=9.5)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8.5, frameon=False)
+    _title(fig, f"Search over {', '.join(HP_NAMES.get(h, h) for h in hps)}: {len(t)} finished "
+                f"trials, the best starred (val loss {best['final_val_loss']:.4f})")
     return fig
 
 

@@ -75,9 +75,11 @@ def roots(config_dir: str | None = None, cwd: Path | None = None) -> list[Root]:
     home = os.environ.get("SPARTUNE_HOME")
     if home:
         top = Path(home).resolve()
-        if not (top / "conf" / "config.yaml").is_file():
-            raise MissingConfigs(f"{top} has no conf/config.yaml; point SPARTUNE_HOME at a "
-                                 "folder holding conf/ and sweeps/, or unset it")
+        # either folder is enough: spartune-init makes sweeps/ alone (its --conf adds conf/)
+        if not (top / "sweeps").is_dir() and not (top / "conf").is_dir():
+            raise MissingConfigs(f"{top} holds neither sweeps/ nor conf/; point SPARTUNE_HOME "
+                                 "at a folder spartune-init made (or one holding conf/), or "
+                                 "unset it")
         out += [Root(k, top / k, f"file://{top / k}", "SPARTUNE_HOME") for k in KINDS
                 if (top / k).is_dir()]
     out += shipped()
@@ -137,6 +139,24 @@ def init(dest: Path, *, conf: bool = False, force: bool = False) -> list[tuple[P
     return done
 
 
+def version_line(command: str) -> str:
+    """`CMD --version`: spartune's version and those of what it runs on, none of them
+    imported (so it answers at once, and even where torch is broken)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import spartune
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"{command} (spartune {spartune.__version__}): torch {v('torch')}, optuna "
+            f"{v('optuna')}, hydra-core {v('hydra-core')}, omegaconf {v('omegaconf')}, python "
+            f"{sys.version.split()[0]}")
+
+
 def init_main(argv: list[str] | None = None) -> None:
     """`spartune-init [DIR]`: start a project folder whose sweeps/ you can edit."""
     ap = argparse.ArgumentParser(
@@ -147,7 +167,11 @@ def init_main(argv: list[str] | None = None) -> None:
     ap.add_argument("dir", nargs="?", default=".", help="project folder (default: here)")
     ap.add_argument("--conf", action="store_true", help="also copy the config groups (conf/)")
     ap.add_argument("--force", action="store_true", help="overwrite files that exist")
+    ap.add_argument("--version", action="store_true", help="print the versions and exit")
     args = ap.parse_args(argv)
+    if args.version:
+        print(version_line("spartune-init"))
+        return
     dest = Path(args.dir)
     if dest.exists() and not dest.is_dir():
         print(f"spartune: error: dir: {dest} is a file; name a folder", file=sys.stderr)

@@ -909,9 +909,14 @@ def sweep(cfg: Config) -> dict[str, Any]:
             bar.set_postfix(best=f"{best:.4f}" if math.isfinite(best) else "-", refresh=False)
             bar.refresh()
 
-    t0 = time.monotonic()
+    t0, since = time.monotonic(), time.time()
+    pids = [os.getpid(), *(p.pid for p in procs)]
+    from spartune import progress as lines  # a line every 30 s when stdout is a log
+
+    ticker = lines.Ticker(cfg.study.name, n_total, lines.tally(storage, cfg.study.name).done,
+                          lambda: lines.tally(storage, cfg.study.name, pids, since)).start()
     try:
-        ran = run_worker(cfg, 0, progress)
+        run_worker(cfg, 0, progress)
         for p in procs:
             p.join()
     except KeyboardInterrupt:
@@ -922,10 +927,12 @@ def sweep(cfg: Config) -> dict[str, Any]:
             p.join()
         raise
     finally:
+        ticker.stop()
         if bar is not None:
             bar.close()
     failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
     done, best = count_done(cfg, storage)
+    ran = lines.tally(storage, cfg.study.name, pids, since).ran_here  # every local worker's
     out = {"total": n_total, "finished": done, "ran_here": ran, "best": best,
            "seconds": time.monotonic() - t0, "worker_failures": len(failed),
            "storage": storage_url(cfg), "notes": []}

@@ -49,6 +49,9 @@ COLUMNS = ["source", "corpus", "param", "width", "base_width", "density", "token
 PLAN_COLUMNS = ["trust_offset_octaves", "trust_offset_lo", "trust_offset_hi", "trust_regret_pct",
                 "trust_check", "trust_reasons", "trust_data"]
 DATA_FILE = "results/reference/trust/trust_data.csv"
+# What the printed lines and the report cite: the table that ships in the package (a wheel has
+# no results/ folder; DATA_FILE is its copy in the source tree)
+DATA_CITE = "spartune.trust.MEASURED, shipped in the package"
 
 # results/reference/trust/trust_data.csv, inlined so an installed wheel has it too
 # (tests/test_trust.py fails when the two differ). Rebuild both with
@@ -261,7 +264,7 @@ def lines(plan: pd.DataFrame, checked: bool) -> list[str]:
             head += "; within the measured range"
         out.append(head)
     for text in dict.fromkeys(plan["trust_data"]):
-        out.append(f"  (rule data, {text}; {DATA_FILE})")
+        out.append(f"  (rule data, {text}; {DATA_CITE})")
     return out
 
 
