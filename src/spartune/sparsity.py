@@ -34,12 +34,15 @@ from spartune.params import Role
 
 
 def random_mask(
-    shape: tuple[int, ...], density: float, generator: torch.Generator, kind: str = "per_row"
+    shape: tuple[int, ...], density: float, generator: torch.Generator, kind: str = "per_row",
+    fan_in_dim: int = 1,
 ) -> Tensor:
     """A random (d_out, d_in) bool mask with the given density.
 
     A weight of more than two dims (a convolution's (out, in, *kernel)) is masked as the 2-D
-    (out, in * kernel) matrix of its fan-ins and given back in its own shape.
+    (out, in * kernel) matrix of its fan-ins and given back in its own shape. `fan_in_dim` 0 is
+    a weight stored (in, out, ...) (HF's Conv1D, a transposed conv: fanin.py): the mask is drawn
+    for its (out, in, ...) view, so `per_row` still counts inputs per *output* neuron.
 
     kind:
       per_row    every output neuron keeps exactly max(1, round(density * d_in)) inputs, chosen at
@@ -48,6 +51,9 @@ def random_mask(
       exact      exactly round(density * numel) entries kept, anywhere.
       bernoulli  i.i.d. Bernoulli(density) per entry (the reference code's choice).
     """
+    if fan_in_dim == 0 and len(shape) >= 2:
+        swapped = (shape[1], shape[0], *shape[2:])
+        return random_mask(swapped, density, generator, kind).transpose(0, 1).contiguous()
     if len(shape) > 2:
         flat = (shape[0], math.prod(shape[1:]))
         return random_mask(flat, density, generator, kind).view(shape)
@@ -132,24 +138,12 @@ def _zero_masked_after_load(module: nn.Module, incompatible: Any) -> None:
 
 
 # Sparse layer layouts: how a hidden layer holds its mask. `masked` is dense storage with a
-# masked gradient (above). A layout is `install(module, param_name, mask)`, applied in place by
-# `parameterize` per hidden layer; `auto` picks one per layer (`resolve_layout`). The rule table
-# does not know the layout: it gives init std and LR multipliers whatever the storage.
+# masked gradient (above), applied in place by `parameterize` per hidden layer as
+# `install(module, param_name, mask)`; `compressed` (layouts.py) replaces the module once masks
+# and init are in place, and `auto` picks per layer (layouts.choose). The rule table does not
+# know the layout: it gives init std and LR multipliers whatever the storage.
 Layout = Callable[[nn.Module, str, Tensor], None]
 LAYOUTS: dict[str, Layout] = {"masked": install_mask}
-SPARSE_IMPLS = ("masked", "compressed", "auto")
-
-
-def resolve_layout(impl: str, shape: tuple[int, ...], density: float) -> str:
-    """The layout one hidden layer gets: `auto` is `masked` until a faster layout exists."""
-    if impl not in SPARSE_IMPLS:
-        raise ValueError(f"unknown sparse_impl {impl!r}; choose one of {', '.join(SPARSE_IMPLS)}")
-    if impl == "auto":
-        return "masked"
-    if impl not in LAYOUTS:
-        raise ValueError(f"sparse_impl={impl!r} is not available in this version; use masked "
-                         "or auto")
-    return impl
 
 
 class SparseLinear(nn.Linear):
