@@ -628,10 +628,10 @@ def _not_compressible(name: str, p: nn.Parameter, module: nn.Module | None,
                       n_names: int) -> str:
     """Why the compressed layout cannot hold this weight ('' when it can): it replaces a
     Linear-like module (y = x W^T + b, or HF Conv1D's x W + b) by a CompressedLinear."""
+    if module is not None and type(module) is not nn.Linear and not is_hf_conv1d(module):
+        return f"is a {type(module).__name__}"
     if module is None or _leaf(name) != "weight" or p.dim() != 2:
         return "is not a module's 2-dim `weight`"
-    if type(module) is not nn.Linear and not is_hf_conv1d(module):
-        return f"is a {type(module).__name__}"
     if n_names > 1:
         return "shares its weight with another module"
     return ""
@@ -652,14 +652,17 @@ def _warn_few_weights(rows: list[ParamInfo], kind: str) -> None:
         g = _glob_of(r.module)
         if wpn < MIN_WEIGHTS_PER_NEURON and (g not in worst or wpn < worst[g][0]):
             worst[g] = (wpn, r)
+    lines = []
     for g, (wpn, r) in worst.items():
         key = (g, r.shape, r.density, kind)
-        if key in _WARNED:
-            continue
-        _WARNED.add(key)
-        log.warning("%s keeps %.0f weights per neuron (fan-in %d at density %g): SμPar's "
-                    "law-of-large-numbers argument is weak below %d (SUPAR.md §2.3)", g, wpn,
-                    fan_in_size(r.shape, r.fan_in_dim), r.density, MIN_WEIGHTS_PER_NEURON)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            lines.append(f"{g} {wpn:.0f} (fan-in {fan_in_size(r.shape, r.fan_in_dim)} at "
+                         f"density {r.density:g})")
+    if lines:
+        log.warning("hidden layers keeping fewer than %d weights per neuron: %s; SμPar's "
+                    "law-of-large-numbers argument is weak there (SUPAR.md §2.3)",
+                    MIN_WEIGHTS_PER_NEURON, ", ".join(lines))
 
 
 def _compress(model: nn.Module, handle: Parameterization, rows: list[ParamInfo],
@@ -678,6 +681,10 @@ def _compress(model: nn.Module, handle: Parameterization, rows: list[ParamInfo],
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, new)
         handle.relayout(r.name, r.module, new, new.values, "compressed")
+        for leaf, q in new.named_parameters(recurse=False):  # the bias: the new module's now
+            key = f"{r.module}.{leaf}" if r.module else leaf
+            if leaf != "values" and key in params:
+                params[key] = q
 
 
 def _set_attention(model: nn.Module, param: str, mode: str) -> list[str]:
