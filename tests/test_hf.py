@@ -415,3 +415,51 @@ def test_coord_check_is_flat_under_supar_with_taps_on_hf_attention_modules():
     assert result.passed, str(result)
     attn = result.table.query("module == 'attn'")["l1"]
     assert len(attn) == 4 * 3 and attn.gt(0).all()  # cross grid: 4 cells, 3 steps
+
+
+# -- examples/hf_gpt2 from its README: a sweep over HF GPT-2 that resumes, its transfer ----------
+
+FAST = ["train.steps=6", "train.eval_every=3", "train.batch_size=4", "train.seq_len=32",
+        "train.threads=1"]
+
+
+@pytest.mark.slow
+def test_hf_gpt2_example_sweep_resumes_and_transfers(tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from conftest import cli
+
+    example = tmp_path / "hf_gpt2"
+    shutil.copytree(ROOT / "examples" / "hf_gpt2", example,
+                    ignore=shutil.ignore_patterns("results", "__pycache__"))
+    r = cli("spartune-sweep", "-cd", ".", "-cn", "hf_proxy", "study.n_trials=2", *FAST,
+            cwd=example, timeout=600)
+    assert r.returncode == 0, r.stderr
+    first = pd.read_csv(example / "results" / "hf_proxy" / "trials.csv")
+    r = cli("spartune-sweep", "-cd", ".", "-cn", "hf_proxy", "study.n_trials=3", *FAST,
+            cwd=example, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "(1 run now" in r.stdout  # resumed: the two finished trials are not run again
+    trials = pd.read_csv(example / "results" / "hf_proxy" / "trials.csv")
+    assert list(trials["state"]) == ["COMPLETE"] * 3
+    assert trials["lr"].iloc[:2].tolist() == first["lr"].tolist()
+    r = cli("spartune-transfer", "-cd", ".", "-cn", "hf_transfer", *FAST,
+            "transfer.widths=[128]", "transfer.densities=[1.0,0.0625]", cwd=example,
+            timeout=600)
+    assert r.returncode == 0, r.stderr
+    targets = pd.read_csv(example / "results" / "hf_transfer" / "trials.csv")
+    assert len(targets) == 4 and (targets["state"] == "COMPLETE").all()
+    assert targets["final_val_loss"].notna().all()
+    sparse = targets[targets["density"] < 1]
+    assert (sparse["n_nonzero_params"] < sparse["n_params"]).all()
+
+
+def test_hf_gpt2_layout_facts_script():
+    import layout
+
+    facts = layout.per_neuron(128, 1 / 32)
+    assert facts == {"attn.c_attn": (128, 4, 4), "attn.c_proj": (128, 4, 4),
+                     "mlp.c_fc": (128, 4, 4), "mlp.c_proj": (512, 16, 16)}
+    assert layout.unequal_mlp_lr("mup") == {"c_fc": 0.25, "c_proj": 0.5}
