@@ -7,7 +7,10 @@ built-in GPT goes through here too (`model.build_model`), so there is one implem
 
 Roles are inferred the way microsoft/mup's `set_base_shapes` does it: the same architecture built
 at the proxy's width (`base`, shapes only, meta device is fine) is compared parameter by
-parameter, and a dim that differs is width-like. For a weight (fan_out, fan_in, ...):
+parameter, and a dim that differs is width-like. Which dim of a weight is its fan-in is a fact
+of its module (fanin.py: nn.Linear and convs (out, in, ...), HF's Conv1D (in, out), embedding
+tables (num, dim)) or declared (`fan_in={glob: dim}`); roles, m_d and the `per_row` masks all
+read it. For a weight with fan_out and fan_in dims:
 
     both dims width-like               hidden (masked, SμPar init and LR)
     only fan_in width-like             output: the readout mapping width to a fixed size
@@ -19,16 +22,22 @@ A weight tied to an embedding is that embedding (one parameter, one group, embed
 LR); a module other than an nn.Embedding that also holds it is the readout (it gets the output
 multiplier). `roles={glob: role}` overrides, `delta=` (a third width) finds width-like dims when
 the model itself is at the base width (mup's `delta`), and anything left undecided ends in one
-line naming the parameter and the override to use.
+line naming the parameter and the override to use. A readout inside the network (width-like
+fan-in, fixed fan-out in a block: GQA's key/value projections) is said in one line.
 
 What stays the user's: the modules and their forward. Masks are buffers `<param>_mask` beside
 the weight and gradients are masked by a hook (`sparsity.install_mask`), so every hidden
 layer's `.weight` is still its dense weight with zeros at the masked positions; the forward
 multipliers are forward hooks on the embedding and readout modules (or, with
 `forward_hooks=False`, numbers the model applies itself: the built-in GPT does, to scale
-whichever side of the readout matmul is smaller). A `state_dict` round trip needs nothing
-special: call `parameterize` on the fresh model (roles, multipliers and mask buffers appear),
-then `load_state_dict` (the saved masks replace the drawn ones, masked entries are re-zeroed).
+whichever side of the readout matmul is smaller). `sparse_impl="compressed"` (or `auto`'s
+pick) replaces a masked nn.Linear / Conv1D by a `layouts.CompressedLinear` that answers the same
+questions (`.weight`, `.weight_mask`, the same state dict keys). A `state_dict` round trip needs
+nothing special: call `parameterize` on the fresh model (roles, multipliers and mask buffers
+appear), then `load_state_dict` (the saved masks replace the drawn ones, masked entries are
+re-zeroed). A checkpoint that lost its mask buffers (HF's `from_pretrained`) keeps its zeros:
+`parameterize(init=False)` takes the masks from them (`_adopted`). HF attention modules get
+their softmax scale (`attention="auto"`).
 """
 
 from __future__ import annotations
@@ -756,6 +765,9 @@ def _adopted(r: ParamInfo, w: Tensor, drawn: Tensor, kind: str, seed: int) -> Te
     fits = nnz <= want and nnz >= 0.99 * want - 1
     if kind == "per_row":
         fits = fits and bool((rows_nz <= rows_want).all())
+    elif kind == "bernoulli":  # another seed's draw: its count is within binomial noise
+        mean = r.density * nz.numel()
+        fits = abs(nnz - mean) <= 5 * math.sqrt(mean * (1 - r.density)) + 1
     if fits:
         return nz
     raise ConfigError("init", f"{r.module}: the weight holds a sparsity pattern of {nnz} "
