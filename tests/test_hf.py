@@ -398,6 +398,20 @@ def test_a_reload_whose_mask_would_zero_trained_weights_is_refused(tmp_path):
 # -- the coordinate check on HF GPT-2 ---------------------------------------------------------
 
 
+def test_coord_taps_and_default_loss_take_hf_outputs():
+    from spartune.coord import _default_loss, _first_tensor
+
+    t = torch.ones(2)
+    out = transformers.modeling_outputs.CausalLMOutput(loss=None, logits=t)
+    assert _first_tensor((None, (t, t))) is t and _first_tensor({"a": 1, "b": t}) is t
+    assert _first_tensor(out) is t and _first_tensor((None,)) is None
+    model, _ = hf.build(32, base_width=16, n_layer=1)
+    x = torch.randint(0, 256, (2, 8))
+    want = model(x, labels=x).loss
+    assert torch.equal(_default_loss(model, (x, x)), want)  # not model(x, x): x is no cache
+    assert torch.equal(_default_loss(model, {"input_ids": x, "labels": x}), want)
+
+
 def test_coord_check_is_flat_under_supar_with_taps_on_hf_attention_modules():
     def make_model(*, width, density, param, seed):
         return hf.build(width, base_width=32, param=param, density=density, seed=seed,
