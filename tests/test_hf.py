@@ -138,6 +138,11 @@ def test_attention_auto_sets_hf_scaling_and_says_how_many(caplog):
     assert sp.transformer.h[0].attn.scaling == 0.25
     kept, ksm = hf.build(64, base_width=32, attention="none")
     assert kept.transformer.h[0].attn.scaling == 0.25 and ksm.attention_modules == []
+    parameterizer._WARNED.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spartune.parameterizer"):
+        spartune.parameterize(_Toy(64), base=_Toy(32), fan_in={"mid.w": 0})  # no HF attention
+    assert "found no module exposing `scaling`" in caplog.text
     with pytest.raises(ConfigError) as e:
         hf.build(64, base_width=32, attention="sometimes")
     assert e.value.field == "attention"

@@ -320,7 +320,8 @@ def parameterize(
                   (in, out), nn.Embedding (num, dim)); m_d, roles and per_row masks read it
     attention     auto: set the softmax scale (1/head_dim under the µP family, 1/sqrt(head_dim)
                   under SP) on every module exposing HF's `scaling` and `head_dim`, and log how
-                  many; none: leave them (the model applies `handle.attention_scale(head_dim)`)
+                  many (a warning, once, when none is found under the µP family); none: leave
+                  them (the model applies `handle.attention_scale(head_dim)`)
 
     With init=False, a hidden weight that already holds a sparsity pattern (a trained sparse
     checkpoint loaded without its mask buffers, e.g. through HF's from_pretrained) keeps it as
@@ -715,10 +716,15 @@ def _set_attention(model: nn.Module, param: str, mode: str) -> list[str]:
                 scale /= float(getattr(m, "layer_idx", 0) + 1)
             m.scaling = scale
             done.append(name)
-    rule = "1/sqrt(head_dim)" if param == "sp" else "1/head_dim"
-    log.info("attention='auto': set the softmax scale %s on %d module(s) exposing `scaling` and "
-             "`head_dim`%s", rule, len(done), "" if done else "; the model must apply "
-             "handle.attention_scale(head_dim) itself")
+    rule = "1/sqrt(head_dim)" if attention_scale(param, 4) == 0.5 else "1/head_dim"
+    if done:
+        log.info("attention='auto': set the softmax scale %s on %d module(s) exposing "
+                 "`scaling` and `head_dim`", rule, len(done))
+    elif rule == "1/head_dim" and ("attention", param) not in _WARNED:
+        _WARNED.add(("attention", param))  # once per process: a sweep builds it every trial
+        log.warning("attention='auto' found no module exposing `scaling` and `head_dim`: the "
+                    "model must apply the softmax scale %s itself (handle.attention_scale("
+                    "head_dim)); pass attention='none' to say it does", rule)
     return done
 
 
