@@ -400,6 +400,22 @@ def test_a_reload_whose_mask_would_zero_trained_weights_is_refused(tmp_path):
     assert torch.equal(loaded.transformer.h[0].attn.c_attn.weight, before)  # nothing zeroed
 
 
+def test_load_state_dict_without_masks_into_a_masked_model_is_refused():
+    model, sm = hf.build(64, base_width=32, density=0.25)
+    _train_a_little(model, sm, steps=1)
+    weights = {k: v for k, v in model.state_dict().items() if not k.endswith("_mask")}
+    fresh, _ = hf.build(64, base_width=32, density=0.25, seed=5)  # another mask
+    before = fresh.transformer.h[0].attn.c_attn.weight.clone()
+    with pytest.raises(RuntimeError, match=r"transformer\.h\.0\.attn\.c_attn\.weight: the "
+                       "state dict has no weight_mask"):
+        fresh.load_state_dict(weights, strict=False)
+    assert torch.equal(fresh.transformer.h[0].attn.c_attn.weight, before)
+    same, _ = hf.build(64, base_width=32, density=0.25, seed=0)  # the same masks: it fits
+    same.load_state_dict(weights, strict=False)
+    x = torch.randint(0, 256, (2, 8))
+    assert torch.equal(same(x).logits, model(x).logits)
+
+
 # -- the coordinate check on HF GPT-2 ---------------------------------------------------------
 
 

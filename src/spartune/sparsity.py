@@ -119,6 +119,7 @@ def install_mask(module: nn.Module, param_name: str, mask: Tensor) -> None:
 
     param.register_post_accumulate_grad_hook(mask_grad)
     if not getattr(module, "_spartune_load_hook", False):
+        module.register_load_state_dict_pre_hook(_refuse_lost_nonzeros)
         module.register_load_state_dict_post_hook(_zero_masked_after_load)
         module._spartune_load_hook = True  # type: ignore[assignment]
 
@@ -130,6 +131,30 @@ def apply_masks_(module: nn.Module) -> None:
         m = module._buffers.get(mask_name(name))
         if m is not None:
             param.mul_(m)
+
+
+def _refuse_lost_nonzeros(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any,
+                          strict: bool, missing: list, unexpected: list,
+                          error_msgs: list) -> None:
+    """A state dict that holds a masked weight but not its mask (saved by code that drops
+    buffers, e.g. before parameterize) would be cut by this model's drawn mask after loading:
+    refuse, naming the layer, instead of zeroing trained non-zeros (load_state_dict raises; the
+    layer is left as it was). One that carries the mask loads it (and its zeros) as it is."""
+    for name, _ in module.named_parameters(recurse=False):
+        m = module._buffers.get(mask_name(name))
+        w = state_dict.get(prefix + name)
+        if m is None or w is None or prefix + mask_name(name) in state_dict:
+            continue
+        if tuple(w.shape) != tuple(m.shape) or w.device.type == "meta":
+            continue
+        lost = int(((w != 0) & ~m.to(w.device)).sum())
+        if lost:
+            state_dict.pop(prefix + name)  # (torch's own copy) the layer keeps its weight
+            error_msgs.append(
+                f"{prefix}{name}: the state dict has no {mask_name(name)}, and {lost} of its "
+                "non-zeros lie outside this model's mask, which would zero them; load the "
+                "weights into the model first and parameterize it with init=False (the mask is "
+                "taken from their zeros), or save with the mask buffers")
 
 
 def _zero_masked_after_load(module: nn.Module, incompatible: Any) -> None:
