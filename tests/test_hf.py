@@ -390,14 +390,18 @@ def test_a_reload_whose_mask_would_zero_trained_weights_is_refused(tmp_path):
     _train_a_little(model, sm, steps=1)
     model.save_pretrained(tmp_path)
     loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
-    before = loaded.transformer.h[0].attn.c_attn.weight.clone()
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    # every layer but one asks the density it was trained at: that one is refused, by name
     with pytest.raises(ConfigError) as e:
-        spartune.parameterize(loaded, base=hf.GPT2LMHeadModel(hf.config(32)), density=1 / 16,
-                              init=False)
+        spartune.parameterize(loaded, base=hf.GPT2LMHeadModel(hf.config(32)), init=False,
+                              density={"transformer.h.1.attn.c_attn": 1 / 16, "*": 0.25})
     msg = str(e.value)
     assert e.value.field == "init" and "\n" not in msg
-    assert msg.startswith("init: transformer.h.0.attn.c_attn: ") and "zeroing" in msg
-    assert torch.equal(loaded.transformer.h[0].attn.c_attn.weight, before)  # nothing zeroed
+    assert msg.startswith("init: transformer.h.1.attn.c_attn: ") and "zeroing" in msg
+    after = loaded.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing zeroed
+    assert not any(k.endswith("_mask") for k in loaded.state_dict())  # nothing installed
+    assert spartune.parameterization(loaded) is None
 
 
 def test_load_state_dict_without_masks_into_a_masked_model_is_refused():

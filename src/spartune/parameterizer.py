@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 _EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 ATTENTION_MODES = ("auto", "none")
 log = logging.getLogger(__name__)
-_WARNED: set[tuple[Any, ...]] = set()  # the few-weights line: once per layer shape per process
+_WARNED: set[tuple[Any, ...]] = set()  # lines said once per process (a sweep's every trial)
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, Parameterization] = weakref.WeakKeyDictionary()
 
 
@@ -360,7 +360,7 @@ def parameterize(
     fans = _fans(params, names, modules, fan_in or {})
     role_of, inferred = _roles(params, names, modules, base_shapes, delta_shapes, roles or {},
                                fans)
-    _say_fixed_fan_out(role_of, inferred, params, fans)
+    _say_fixed_fan_out(role_of, inferred, params)
     readouts = _readouts(params, names, modules, role_of, readout)
     dens = _densities(params, role_of, density)
     impls = _layouts(params, role_of, dens, sparse_impl, names, modules, fans)
@@ -483,7 +483,7 @@ def _fans(params: dict[str, nn.Parameter], names: dict[int, list[str]],
 
 
 def _say_fixed_fan_out(role_of: dict[str, Role], inferred: set[str],
-                       params: dict[str, nn.Parameter], fans: dict[str, tuple[int, int]]) -> None:
+                       params: dict[str, nn.Parameter]) -> None:
     """One line when a width-like fan-in meets a fixed fan-out inside the network (a block's
     layer: GQA's k/v projections with a fixed number of key/value heads), saying what it gets.
     """
@@ -735,12 +735,15 @@ def _install_masks(rows: list[ParamInfo], params: dict[str, nn.Parameter],
     already holds a sparsity pattern keeps it (`_adopted`). Every layout starts masked; the
     compressed ones are converted after init (`_compress`)."""
     gen = torch.Generator().manual_seed(seed)
+    masks = []
     for r in rows:
         if r.role != "hidden" or r.density >= 1.0:
             continue
         mask = random_mask(r.shape, r.density, gen, kind, r.fan_in_dim)
         if adopt:
             mask = _adopted(r, params[r.name], mask, kind, seed)
+        masks.append((r, mask))
+    for r, mask in masks:  # only once every layer is decided: a refusal leaves the model as it was
         LAYOUTS["masked"](modules[r.module], _leaf(r.name), mask)
 
 
