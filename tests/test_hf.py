@@ -23,7 +23,7 @@ from spartune.config import ConfigError  # noqa: E402
 from spartune.params import layer_scale  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "examples" / "hf_gpt2"))
-import model as hf  # noqa: E402
+import hf_model as hf  # noqa: E402
 
 HIDDEN = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 SIGMA = 0.02

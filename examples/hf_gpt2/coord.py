@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
-from model import build
+from hf_model import build
 from train import batch, data
 
 import spartune

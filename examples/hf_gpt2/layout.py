@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from model import build
+from hf_model import build
 
 
 def per_neuron(width: int = 128, density: float = 1 / 32) -> dict[str, tuple[int, int, int]]:

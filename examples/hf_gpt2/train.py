@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 import torch
-from model import build
+from hf_model import build
 
 DEFAULTS: dict[str, Any] = {
     "width": 64, "base_width": 64, "param": "supar", "density": 1.0, "base_density": 1.0,
