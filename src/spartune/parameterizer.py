@@ -685,7 +685,7 @@ def _compress(model: nn.Module, handle: Parameterization, rows: list[ParamInfo],
             continue
         old = modules[r.module]
         new = CompressedLinear.from_module(old, transposed=r.fan_in_dim == 0)
-        new.role, new.residual = "hidden", r.residual
+        new.role, new.residual, new.density = "hidden", r.residual, r.density
         for name, m in list(model.named_modules(remove_duplicate=False)):
             if m is old:
                 parent, _, child = name.rpartition(".")
