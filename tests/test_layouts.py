@@ -63,7 +63,7 @@ def test_only_the_masks_positions_are_stored(kind):
     assert comp.values.numel() == nnz == comp.nonzero() == masked.nonzero()
     assert [p.numel() for p in comp.parameters()] == [nnz]  # no dense weight anywhere
     assert all(b.numel() <= max(nnz, 41) for b in comp.buffers())  # indices, not a dense mask
-    assert torch.equal(comp.mask(), masked.mask)
+    assert torch.equal(comp.mask, masked.mask)
     dense = comp.dense_weight()
     assert (dense[~masked.mask] == 0).all()
     assert torch.equal(dense, masked.weight.detach())
@@ -165,7 +165,7 @@ def test_a_checkpoint_saved_under_compressed_loads_under_masked_and_back(tmp_pat
     masked = _model("masked", seed=5, mask_seed=2, bias=True)  # other init, other masks
     masked.load_state_dict(sd)
     for ls, lm in zip(src.hidden_layers(), masked.hidden_layers(), strict=True):
-        assert torch.equal(lm.mask, ls.mask())
+        assert torch.equal(lm.mask, ls.mask)
         assert torch.equal(lm.weight.detach(), ls.dense_weight())
         assert torch.equal(lm.bias.detach(), ls.bias.detach())
     torch.save(masked.state_dict(), tmp_path / "m.pt")
@@ -174,7 +174,7 @@ def test_a_checkpoint_saved_under_compressed_loads_under_masked_and_back(tmp_pat
     back.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
     for ls, lb in zip(src.hidden_layers(), back.hidden_layers(), strict=True):
         assert torch.equal(lb.values.detach(), ls.values.detach())
-        assert torch.equal(lb.mask(), ls.mask())
+        assert torch.equal(lb.mask, ls.mask)
     x = torch.randint(0, 32, (2, 16))
     torch.testing.assert_close(back(x, x)[1], src(x, x)[1], rtol=0, atol=0)
     torch.testing.assert_close(masked(x, x)[1], src(x, x)[1], rtol=1e-6, atol=1e-6)

@@ -346,7 +346,7 @@ def test_density_per_layer_glob():
     ({"param": "mupp"}, "param"),
     ({"density": 0.0}, "density"),
     ({"sparse_impl": "csr"}, "sparse_impl"),
-    ({"sparse_impl": "compressed"}, "sparse_impl"),
+    ({"sparse_impl": {"*.c_fc": "dense"}}, "sparse_impl.*.c_fc"),
     ({"mask_kind": "rows"}, "mask_kind"),
 ])
 def test_bad_arguments_are_one_line_naming_the_argument(kw, field):

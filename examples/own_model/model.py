@@ -111,8 +111,8 @@ def build(width: int, *, base_width: int, param: str = "supar", density: float =
         model, base=base, delta=delta, param=param, density=density, base_density=base_density,
         init_std=init_std, alpha_input=alpha_input, alpha_output=alpha_output,
         residual=["transformer.h.*.attn.c_proj", "transformer.h.*.mlp.c_proj"],
-        depth=c.n_layer, mask_seed=seed, seed=seed, **options,
+        depth=c.n_layer, mask_seed=seed, seed=seed, **{"attention": "none", **options},
     )
-    for block in model.transformer.h:
+    for block in model.transformer.h:  # this model applies its own scale (attention="none")
         block.attn.attn_scale = sm.attention_scale(c.head_dim)
     return model, sm

@@ -20,11 +20,12 @@ and MLP output (before the residual add) and the logits (SUPAR.md §4.3, paper F
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,8 +104,10 @@ def _trace(model: torch.nn.Module, opt: torch.optim.Optimizer,
     seen: dict[str, list[torch.Tensor]] = {k: [] for k in taps}
 
     def hook_for(kind: str) -> Any:
-        def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-            seen[kind].append(output.detach().abs().mean())
+        def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+            t = _first_tensor(output)
+            if t is not None:
+                seen[kind].append(t.detach().abs().mean())
 
         return hook
 
@@ -368,9 +371,12 @@ def coord_check(
         been applied to (or the pair (model, handle)); it is called once per param x cell x seed
     data(generator) returns one batch; every cell draws from a generator seeded with the seed,
         so cells differ only in shape and parameterization
-    loss(model, batch) -> scalar; default: model(*batch), taking [1] of a tuple (logits, loss)
+    loss(model, batch) -> scalar; default: model(**batch) for a dict, model(x, labels=y) when
+        the forward takes `labels` (HF), else model(*batch); the output's `.loss` if it has
+        one, else [1] of a tuple (logits, loss)
     taps {kind: [module-name globs]}: whose outputs to measure; default: the embeddings, each
-        hidden layer (digit components of its name as '*'), the readout ("logits"). Kinds
+        hidden layer (digit components of its name as '*'), the readout ("logits"). A module
+        returning a tuple, dict or ModelOutput is measured by its first tensor. Kinds
         other than embedding and logits are judged; name them attn / mlp (the blocks' outputs)
         to get the built-in check's figure from `spartune.plot.coord_figure(result.table)`
     optimizer(groups) builds the optimizer from `handle.param_groups(lr)`; default AdamW
@@ -414,8 +420,38 @@ def coord_check(
     return CoordResult(df, sp, ok, lines)
 
 
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    """What a tap measures of a module's output: the tensor itself, or the first tensor of a
+    tuple, list, dict or HF `ModelOutput` (an attention module returns (output, weights))."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, tuple | list):
+        for item in output:
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
 def _default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-    out = model(*batch) if isinstance(batch, tuple | list) else model(batch)
+    """model(**batch) for a dict; model(x, labels=y) for a pair when the forward takes `labels`
+    (HF: the second positional argument is the KV cache); else model(*batch). The loss is the
+    output's `.loss` when it has one (HF's ModelOutput), else [1] of a tuple (logits, loss)."""
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+    elif isinstance(batch, tuple | list):
+        takes_labels = "labels" in inspect.signature(model.forward).parameters
+        if takes_labels and len(batch) == 2:
+            out = model(batch[0], labels=batch[1])
+        else:
+            out = model(*batch)
+    else:
+        out = model(batch)
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
     return out[1] if isinstance(out, tuple) else out
 
 

@@ -133,6 +133,11 @@ class CompressedLinear(nn.Module):
     both alike. `values` is the trained parameter (one per non-zero, row-major order of the
     mask); the index buffers are not saved (the state dict holds the dense weight and the mask,
     the format a masked layer has).
+
+    It answers what a masked layer answers, the same way: `weight` (the dense W ⊙ M, a detached
+    copy: read it, train `values`), `mask` and `weight_mask` (the bool mask, shaped as `weight`).
+    `transposed` is a layer that replaced HF's Conv1D, whose weight is stored (in, out): its
+    `weight`, `mask` and checkpoint keys keep that layout, the computation is the same.
     """
 
     crow: Tensor
@@ -143,8 +148,9 @@ class CompressedLinear(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, mask: Tensor, *, role: Role = "hidden",
                  bias: bool = False, density: float | None = None,
-                 residual: bool = False) -> None:
+                 residual: bool = False, transposed: bool = False) -> None:
         super().__init__()
+        self.transposed = transposed
         if mask.shape != (d_out, d_in) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a ({d_out}, {d_in}) bool tensor, got "
                              f"{tuple(mask.shape)} {mask.dtype}")
@@ -163,6 +169,25 @@ class CompressedLinear(nn.Module):
     # -- conversion ----------------------------------------------------------------------------
 
     @classmethod
+    def from_module(cls, layer: nn.Module, *, transposed: bool = False) -> CompressedLinear:
+        """A user's masked nn.Linear (or, `transposed`, HF Conv1D: weight (in, out)) with its
+        `weight_mask` buffer, compressed: the same non-zeros, mask and bias."""
+        w, m = layer.weight, layer._buffers.get(MASK_KEY)
+        if m is None:
+            raise ValueError("a layer without a mask (density 1) has nothing to compress")
+        if transposed:
+            w, m = w.t(), m.t()
+        d_out, d_in = w.shape
+        bias = getattr(layer, "bias", None)
+        new = cls(d_in, d_out, m.contiguous(), bias=bias is not None,
+                  density=getattr(layer, "density", None), transposed=transposed)
+        with torch.no_grad():
+            new.values.copy_(w[m])
+            if bias is not None:
+                new.bias.copy_(bias)
+        return new.to(dtype=w.dtype)
+
+    @classmethod
     def from_masked(cls, layer: SparseLinear) -> CompressedLinear:
         """The same layer, compressed: the same non-zeros, mask, role, density and bias."""
         if layer.mask is None:
@@ -177,7 +202,10 @@ class CompressedLinear(nn.Module):
 
     def to_masked(self) -> SparseLinear:
         """The same layer with dense storage (`SparseLinear`)."""
-        mask = self.mask()
+        if self.transposed:
+            raise ValueError("a layer that replaced HF's Conv1D converts back through a state "
+                             "dict (weight and weight_mask load into a masked Conv1D)")
+        mask = self._mask()
         layer = SparseLinear(self.in_features, self.out_features, role=self.role,
                              bias=self.bias is not None, density=self.density,
                              residual=self.residual, mask=mask)
@@ -192,15 +220,32 @@ class CompressedLinear(nn.Module):
         return torch.repeat_interleave(
             torch.arange(self.out_features, device=self.crow.device), self.crow.diff())
 
-    def mask(self) -> Tensor:
+    def _mask(self) -> Tensor:
         """The dense (d_out, d_in) bool mask (built on demand; not stored)."""
         m = torch.zeros(self.out_features, self.in_features, dtype=torch.bool,
                         device=self.col.device)
         m[self._rows(), self.col] = True
         return m
 
+    @property
+    def mask(self) -> Tensor:
+        """The bool mask, shaped as `weight` (as `SparseLinear.mask`; built on demand)."""
+        return self._mask().t() if self.transposed else self._mask()
+
+    @property
+    def weight_mask(self) -> Tensor:
+        """The mask under the name a masked layer's buffer has (`weight_mask`)."""
+        return self.mask
+
+    @property
+    def weight(self) -> Tensor:
+        """W ⊙ M, dense and detached, in the layout of the layer it replaced: for reading
+        (what trains is `values`)."""
+        w = self.dense_weight()
+        return w.t() if self.transposed else w
+
     def dense_weight(self) -> Tensor:
-        """W ⊙ M as a dense tensor (a copy, detached)."""
+        """W ⊙ M as a dense (d_out, d_in) tensor (a copy, detached)."""
         w = self.values.new_zeros(self.out_features, self.in_features)
         w[self._rows(), self.col] = self.values.detach()
         return w
@@ -237,8 +282,8 @@ class CompressedLinear(nn.Module):
     # -- one checkpoint format: dense weight + mask ------------------------------------------
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.dense_weight()
-        destination[prefix + MASK_KEY] = self.mask()
+        destination[prefix + "weight"] = self.weight
+        destination[prefix + MASK_KEY] = self.mask
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
@@ -256,14 +301,17 @@ class CompressedLinear(nn.Module):
         if prefix + "weight" not in state_dict or prefix + MASK_KEY not in state_dict:
             return
         weight, mask = state_dict[prefix + "weight"], state_dict[prefix + MASK_KEY]
-        if weight.shape != (self.out_features, self.in_features) or mask.shape != weight.shape:
+        want = (self.in_features, self.out_features) if self.transposed else (
+            self.out_features, self.in_features)
+        if weight.shape != want or mask.shape != weight.shape:
             error_msgs.append(f"size mismatch for {prefix}weight/mask: checkpoint has "
-                              f"{tuple(weight.shape)}, this layer is "
-                              f"({self.out_features}, {self.in_features})")
+                              f"{tuple(weight.shape)}, this layer is {want}")
             return
+        if self.transposed:
+            weight, mask = weight.t(), mask.t()
         with torch.no_grad():
             mask = mask.to(device=self.col.device, dtype=torch.bool)
-            if not torch.equal(mask, self.mask()):  # another mask: adopt it, as masked does
+            if not torch.equal(mask, self._mask()):  # another mask: adopt it, as masked does
                 self._set_pattern(mask)
                 self.values.data = self.values.new_zeros(int(mask.sum()))
             self.values.copy_(weight.to(self.values.device, self.values.dtype)[mask])

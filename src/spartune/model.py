@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from spartune.config import ModelConfig, ParamConfig
 from spartune.layouts import CompressedLinear, HiddenLayer, apply_layout, trained_weight
 from spartune.parameterizer import Parameterization, parameterize
-from spartune.params import MIN_WEIGHTS_PER_NEURON, Role, expected_fan_in
+from spartune.params import Role
 from spartune.sparsity import SparseLinear
 
 # A hidden layer is masked (dense storage) or compressed (non-zeros only): layouts.py. The rules
@@ -31,7 +31,6 @@ from spartune.sparsity import SparseLinear
 HIDDEN = (SparseLinear, CompressedLinear)
 
 log = logging.getLogger(__name__)
-_WARNED: set[tuple[int, float]] = set()
 
 
 def _tag(module: nn.Module, role: Role) -> nn.Module:
@@ -246,25 +245,15 @@ def build_model(m: ModelConfig, p: ParamConfig, *, vocab_size: int, max_len: int
         residual=("blocks.*.attn.proj", "blocks.*.mlp.down") if p.depth_init_scale else (),
         depth=m.depth if p.depth_init_scale else None,
         mask_kind=m.mask_kind, mask_seed=mask_seed, seed=seed, forward_hooks=False,
+        attention="none",  # Attention.scale, set below
     )
     # The GPT applies its multipliers itself (Unembed scales the smaller side of its matmul).
     model.embed.mult, model.unembed.mult = sm.input_mult, sm.output_mult
     for block in model.blocks:
         block.attn.scale = sm.attention_scale(m.head_size)
     model.parameterization = sm
-    _warn_low_fan_in(model, m)
     for name, layout in apply_layout(model, m.sparse_impl, device).items():
         if layout == "compressed":
             layer = model.get_submodule(name)
             sm.relayout(f"{name}.weight", name, layer, trained_weight(layer), layout)
     return model
-
-
-def _warn_low_fan_in(model: GPT, m: ModelConfig) -> None:
-    wpn = min(expected_fan_in(layer.in_features, layer.density, m.mask_kind)
-              for layer in model.hidden_layers())
-    if wpn < MIN_WEIGHTS_PER_NEURON and (m.width, m.density) not in _WARNED:
-        _WARNED.add((m.width, m.density))  # once per shape and process, not per trial
-        log.warning("width %d at density %g keeps %.0f weights per neuron in some hidden "
-                    "layer: SμPar's law-of-large-numbers argument is weak there "
-                    "(SUPAR.md §2.3)", m.width, m.density, wpn)

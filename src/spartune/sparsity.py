@@ -34,12 +34,15 @@ from spartune.params import Role
 
 
 def random_mask(
-    shape: tuple[int, ...], density: float, generator: torch.Generator, kind: str = "per_row"
+    shape: tuple[int, ...], density: float, generator: torch.Generator, kind: str = "per_row",
+    fan_in_dim: int = 1,
 ) -> Tensor:
     """A random (d_out, d_in) bool mask with the given density.
 
     A weight of more than two dims (a convolution's (out, in, *kernel)) is masked as the 2-D
-    (out, in * kernel) matrix of its fan-ins and given back in its own shape.
+    (out, in * kernel) matrix of its fan-ins and given back in its own shape. `fan_in_dim` 0 is
+    a weight stored (in, out, ...) (HF's Conv1D, a transposed conv: fanin.py): the mask is drawn
+    for its (out, in, ...) view, so `per_row` still counts inputs per *output* neuron.
 
     kind:
       per_row    every output neuron keeps exactly max(1, round(density * d_in)) inputs, chosen at
@@ -48,6 +51,9 @@ def random_mask(
       exact      exactly round(density * numel) entries kept, anywhere.
       bernoulli  i.i.d. Bernoulli(density) per entry (the reference code's choice).
     """
+    if fan_in_dim == 0 and len(shape) >= 2:
+        swapped = (shape[1], shape[0], *shape[2:])
+        return random_mask(swapped, density, generator, kind).transpose(0, 1).contiguous()
     if len(shape) > 2:
         flat = (shape[0], math.prod(shape[1:]))
         return random_mask(flat, density, generator, kind).view(shape)
@@ -113,6 +119,7 @@ def install_mask(module: nn.Module, param_name: str, mask: Tensor) -> None:
 
     param.register_post_accumulate_grad_hook(mask_grad)
     if not getattr(module, "_spartune_load_hook", False):
+        module.register_load_state_dict_pre_hook(_refuse_lost_nonzeros)
         module.register_load_state_dict_post_hook(_zero_masked_after_load)
         module._spartune_load_hook = True  # type: ignore[assignment]
 
@@ -126,30 +133,42 @@ def apply_masks_(module: nn.Module) -> None:
             param.mul_(m)
 
 
+def _refuse_lost_nonzeros(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any,
+                          strict: bool, missing: list, unexpected: list,
+                          error_msgs: list) -> None:
+    """A state dict that holds a masked weight but not its mask (saved by code that drops
+    buffers, e.g. before parameterize) would be cut by this model's drawn mask after loading:
+    refuse, naming the layer, instead of zeroing trained non-zeros (load_state_dict raises; the
+    layer is left as it was). One that carries the mask loads it (and its zeros) as it is."""
+    for name, _ in module.named_parameters(recurse=False):
+        m = module._buffers.get(mask_name(name))
+        w = state_dict.get(prefix + name)
+        if m is None or w is None or prefix + mask_name(name) in state_dict:
+            continue
+        if tuple(w.shape) != tuple(m.shape) or w.device.type == "meta":
+            continue
+        lost = int(((w != 0) & ~m.to(w.device)).sum())
+        if lost:
+            state_dict.pop(prefix + name)  # (torch's own copy) the layer keeps its weight
+            error_msgs.append(
+                f"{prefix}{name}: the state dict has no {mask_name(name)}, and {lost} of its "
+                "non-zeros lie outside this model's mask, which would zero them; load the "
+                "weights into the model first and parameterize it with init=False (the mask is "
+                "taken from their zeros), or save with the mask buffers")
+
+
 def _zero_masked_after_load(module: nn.Module, incompatible: Any) -> None:
     """A loaded state dict could carry non-zero masked entries (e.g. written by other code)."""
     apply_masks_(module)
 
 
 # Sparse layer layouts: how a hidden layer holds its mask. `masked` is dense storage with a
-# masked gradient (above). A layout is `install(module, param_name, mask)`, applied in place by
-# `parameterize` per hidden layer; `auto` picks one per layer (`resolve_layout`). The rule table
-# does not know the layout: it gives init std and LR multipliers whatever the storage.
+# masked gradient (above), applied in place by `parameterize` per hidden layer as
+# `install(module, param_name, mask)`; `compressed` (layouts.py) replaces the module once masks
+# and init are in place, and `auto` picks per layer (layouts.choose). The rule table does not
+# know the layout: it gives init std and LR multipliers whatever the storage.
 Layout = Callable[[nn.Module, str, Tensor], None]
 LAYOUTS: dict[str, Layout] = {"masked": install_mask}
-SPARSE_IMPLS = ("masked", "compressed", "auto")
-
-
-def resolve_layout(impl: str, shape: tuple[int, ...], density: float) -> str:
-    """The layout one hidden layer gets: `auto` is `masked` until a faster layout exists."""
-    if impl not in SPARSE_IMPLS:
-        raise ValueError(f"unknown sparse_impl {impl!r}; choose one of {', '.join(SPARSE_IMPLS)}")
-    if impl == "auto":
-        return "masked"
-    if impl not in LAYOUTS:
-        raise ValueError(f"sparse_impl={impl!r} is not available in this version; use masked "
-                         "or auto")
-    return impl
 
 
 class SparseLinear(nn.Linear):
