@@ -569,8 +569,8 @@ def recover(study: optuna.Study, cfg: Config, since: datetime | None = None) -> 
     common lock: two may queue the same retry in the same instant, and the later one (higher
     trial number) is dropped as `surplus` before it trains (`_duplicate`, `_drop_queued_twins`).
 
-    With `since` (the command's start), a point the objective failed more than `study.retries`
-    times in this command is not queued again (failures.py).
+    With `since` (the command's start), a point the objective failed in this command is left
+    to the failure budget (failures.queue_retries), which retries it while the cell may go on.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -589,7 +589,7 @@ def recover(study: optuna.Study, cfg: Config, since: datetime | None = None) -> 
         params = _point_params(t, study.sampler)
         if (t.state == TrialState.FAIL and params and not t.user_attrs.get("surplus")
                 and _key(params) not in covered
-                and not (since and failures.exhausted(trials, _key(params), cfg, since))):
+                and not (since and failures.point_failures(trials, _key(params), since))):
             study.enqueue_trial(params, user_attrs={"retry_of": t.number})
             covered.add(_key(params))
             queued += 1
