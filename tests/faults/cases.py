@@ -182,9 +182,15 @@ def _clean_stop(cwd: Path, sig: int, code: int, word: str, twice: bool = False) 
     p = start("spartune-sweep", args, cwd)
     before = finished(wait_for(cwd, name, mid_grid(1, 2), [p]))
     p.kill_group(sig)  # a terminal's Ctrl-C (or a scheduler's stop) reaches the whole group
-    if twice:
-        time.sleep(0.3)
+    second = ""
+    if twice:  # into the cleanup: once its first line is out, while the process still runs
+        end = time.monotonic() + 60
+        while "spartune: stopping:" not in p.stderr() and time.monotonic() < end:
+            check(p.popen.poll() is None, "the sweep ended without saying it was stopping")
+            time.sleep(0.005)
+        check(p.popen.poll() is None, "the cleanup ended before the second signal")
         p.kill_group(sig)
+        second = ", the second signal during the cleanup"
     rc = p.wait()
     err = p.stderr()
     no_traceback(err)
@@ -194,7 +200,7 @@ def _clean_stop(cwd: Path, sig: int, code: int, word: str, twice: bool = False) 
     check(left["RUNNING"] == 0, f"a clean stop left trials RUNNING: {dict(left)}")
     _rerun(cwd, args)
     out = invariants(cwd, name, before, plot=False)
-    return f"exit {rc}, {dict(left)}; after rerun {out.line()}"
+    return f"exit {rc}{second}, {dict(left)}; after rerun {out.line()}"
 
 
 CASES["sigint"] = lambda cwd: _clean_stop(cwd, signal.SIGINT, 130, "interrupted")
