@@ -421,7 +421,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
     or a command) as `trial`, record everything in its user attrs, and tell Optuna."""
     from spartune import objectives
 
-    values = _suggest(trial, cfg)
+    with stops.deferred():  # journal appends: a signal inside Optuna's lock release leaves
+        values = _suggest(trial, cfg)  # a FileNotFoundError, not the stop (held till after)
     run_cfg = cell_config(cfg, cell, values)
     role = cfg.study.role
     if role == "target" and not math.isclose(values.get("lr", cfg.optim.lr), cfg.optim.lr,
@@ -433,11 +434,13 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
         "lr": run_cfg.optim.lr, "init_std": run_cfg.model.init_std,
         "alpha_input": run_cfg.param.alpha_input, "alpha_output": run_cfg.param.alpha_output,
     }
-    for k, v in attrs.items():
-        trial.set_user_attr(k, v)
+    with stops.deferred():
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
 
     def report(step: int, loss: float) -> None:
-        trial.report(loss, step)
+        with stops.deferred():
+            trial.report(loss, step)
         if trial.should_prune():
             raise optuna.TrialPruned()
 
