@@ -153,3 +153,23 @@ def test_a_transfer_rerun_with_another_proxy_winner_is_refused(tmp_path):
     c = transfer.target_config(cfg, {**chosen, "lr": 0.02}, name="t")
     assert any(k.startswith("study.space.lr") for k in
                fingerprint.diff(fingerprint.of(a), fingerprint.of(c)))
+
+
+def test_a_transfer_rerun_after_the_proxy_found_another_winner_is_refused(tmp_path):
+    from spartune import transfer
+
+    proxy = _cfg(tmp_path)
+    proxy.study.space = {"lr": SearchDim(values=[2.0**-9, 2.0**-8])}
+    sweep.sweep(proxy)
+    t = copy.deepcopy(proxy)
+    t.study.name, t.transfer.source, t.transfer.hps = "targets", "fp", ["lr"]
+    t.transfer.params, t.transfer.widths, t.transfer.densities = ["supar"], [64], [0.5]
+    transfer.run(t)
+    transfer.run(t)  # the same winner: the same experiment, resumed
+    grown = copy.deepcopy(proxy)  # the proxy grows a better point (2^-7), on purpose
+    grown.study.space = {"lr": SearchDim(values=[2.0**-9, 2.0**-8, 2.0**-7])}
+    grown.study.allow_changes = ["study.space"]
+    sweep.sweep(grown)
+    with pytest.raises(ConfigError, match="study.space.lr.values") as e:
+        transfer.run(t)
+    assert "study 'targets' was run with another configuration" in str(e.value)
