@@ -15,10 +15,19 @@ library's, not the run's), builds the corpus, records its high-water mark, then 
 `spartune.train.run` for a few steps (width 512 by default, SμPar, batch 16 x 64, 2 threads)
 and records it again. Runs: density 1 and density 1/16.
 
-Reported: peak RSS / state bytes (params + grads + 2 moments) of the dense run (the last line's
-ratio), the same above the import baseline, and for the sparse run the mask bytes vs a float32
-copy of the masked weights. target=report: it passes if the mask bytes are <= 1/4 of the float32
-bytes of the masked layers' weights.
+Reported: peak RSS / state bytes (params + grads + 2 moments), the same above the import
+baseline, and for the sparse run the mask bytes vs a float32 copy of the masked weights.
+
+The verdict judges the measured peak against the parameter + optimizer bytes the run reports
+(a check on the mask dtype alone could only fail if the dtype changed): the last line's ratio
+is the run's own memory, (peak - import baseline) / state bytes, of the worse of the two runs,
+and it passes when that is <= RUN_TARGET (measured 2.09 dense, 2.16 sparse at the defaults:
+the state itself, then activations and temporaries; one more copy of the state or of the
+activations fails it), the masks are <= 1/4 of a float32 copy, and the sparse run's peak is at
+most its masks plus half a float32 copy of the masked weights above the dense run's (a float32
+`weight * mask` temporary per layer, the defect the mask-overhead fix removed, fails it).
+At --quick's width 64 the state is too small to judge against (activations dominate): the
+line then says target=report.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from _common import (  # noqa: E402
 
 NAME = "memory"
 MiB = 2**20
+RUN_TARGET = 2.5  # (peak - import) / (params + grads + AdamW moments) at width 512
 
 
 def high_water_bytes() -> int:
@@ -123,8 +133,15 @@ def main() -> None:
                 [[sparse["masked_float_bytes"] / MiB, sparse["mask_bytes"] / MiB, mask_frac,
                   extra / MiB]],
                 title="density 1/16: mask bytes vs a float32 copy of the masked weights")
-    ratio = dense["peak_bytes"] / dense["state_bytes"]
-    verdict(NAME, ratio, "report", mask_frac <= 0.25)
+    own = max((r["peak_bytes"] - r["base_bytes"]) / r["state_bytes"] for r in (dense, sparse))
+    extra_ok = extra <= sparse["mask_bytes"] + 0.5 * sparse["masked_float_bytes"]
+    print(f"# run's own peak / state: {own:.3f} (target <= {RUN_TARGET}); sparse peak above "
+          f"dense: {extra / MiB:.1f} MiB (allowed: masks + half a float copy = "
+          f"{(sparse['mask_bytes'] + 0.5 * sparse['masked_float_bytes']) / MiB:.1f} MiB)")
+    if width < 512:  # activations, not the state, set the peak of a tiny model
+        verdict(NAME, own, "report", mask_frac <= 0.25)
+        return
+    verdict(NAME, own, f"<={RUN_TARGET}", own <= RUN_TARGET and mask_frac <= 0.25 and extra_ok)
 
 
 if __name__ == "__main__":

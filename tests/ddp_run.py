@@ -3,7 +3,8 @@ OVERRIDES_JSON OUT_DIR`. Each rank writes `OUT_DIR/rank<R>.json` with what the t
 
 MODE
   run      train.run_and_keep on the tiny config with OVERRIDES (tiny_config keywords); record
-           the curve, the metrics and whether the masked weights and moments are exactly zero
+           the curve, the metrics, the steps reported (a resumed run reports only those after
+           its checkpoint) and whether the masked weights and moments are exactly zero
   die      as run, but the process exits abruptly (os._exit) at the eval after step `die_at`:
            a crash after a checkpoint, for the resume test
   OVERRIDES may hold `only_rank1`: overrides that rank 1 alone applies (a mis-started rank).
@@ -95,15 +96,19 @@ def main() -> None:
         die_at = over.pop("die_at", None)
         ckpt = over.pop("checkpoint", None)
 
+        reported: list[int] = []
+
         def report(step: int, loss: float) -> None:
             if mode == "die" and step > die_at:
                 os._exit(3)  # no cleanup, no finally: as a kill would
+            reported.append(step)
 
         cfg = tiny_config(**over)
         m, s = train.run_and_keep(cfg, report, out_dir=out / "run", checkpoint=ckpt)
         res = {"curve": m["curve"], "world_size": m["world_size"],
                "masked_zero": masked_zero(s), "final_val_loss": m["final_val_loss"],
-               "mask_digest": distributed.mask_digest(s.model).hex()}
+               "mask_digest": distributed.mask_digest(s.model).hex(),
+               "reported": reported}  # the eval steps this run trained to itself
     (out / f"rank{rank}.json").write_text(json.dumps(res))
 
 

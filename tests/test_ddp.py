@@ -99,6 +99,9 @@ def test_ddp_with_micro_batches_and_a_crash_resumes_to_the_same_losses(tmp_path)
     assert r.returncode != 0 and Path(ckpt).exists()  # killed after the step-10 checkpoint
     torchrun("run", dict(over, checkpoint=ckpt), tmp_path / "b")
     a, b = ranks(tmp_path / "a")[0], ranks(tmp_path / "b")[0]
+    # Resumed from step 10 on every rank, not restarted (a restart gives the same losses too)
+    assert a["reported"] == [5, 10, 15, 20]
+    assert all(r["reported"] == [15, 20] for r in ranks(tmp_path / "b"))
     assert losses(a["curve"]) == losses(b["curve"])
     one = train.run(tiny_config(**BASE))
     assert_close(losses(a["curve"]), losses(one["curve"]), 1e-5)

@@ -204,7 +204,7 @@ def test_converting_there_and_back_is_exact():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_compressed_resumes_from_its_checkpoint_with_the_same_final_loss(tmp_path):
+def test_compressed_resumes_from_its_checkpoint_with_the_same_final_loss(tmp_path, caplog):
     cfg = tiny_config(model__density=0.25, model__sparse_impl="compressed", train__steps=12,
                       train__checkpoint_every=4, train__eval_every=4)
     whole = train.run(cfg, out_dir=tmp_path / "whole")
@@ -215,7 +215,13 @@ def test_compressed_resumes_from_its_checkpoint_with_the_same_final_loss(tmp_pat
 
     with pytest.raises(RuntimeError):
         train.run(cfg, crash, out_dir=tmp_path / "resumed")
-    resumed = train.run(cfg, out_dir=tmp_path / "resumed")
+    reported: list[int] = []
+    with caplog.at_level("INFO", logger="spartune.train"):
+        resumed = train.run(cfg, lambda step, loss: reported.append(step),
+                            out_dir=tmp_path / "resumed")
+    assert reported == [12]  # resumed at step 8, not restarted (which reports 4, 8, 12)
+    assert any(r.getMessage().endswith("at step 8") for r in caplog.records
+               if "resumed from" in r.getMessage())
     assert resumed["final_val_loss"] == whole["final_val_loss"]
 
 

@@ -122,10 +122,13 @@ def test_a_failing_trial_fails_alone_and_the_study_goes_on(user_dir, kind, capsy
         cfg = _cfg(user_dir, objective={"_target_": "fake_obj.run", "fail_above": 0.01})
     else:
         cfg = _cfg(user_dir, command=COMMAND + " fail_above=0.01")
-    sweep.sweep(cfg)
+    from spartune.failures import ObjectiveFailing
+
+    with pytest.raises(ObjectiveFailing, match="1 point"):  # the point: out of retries
+        sweep.sweep(cfg)
     trials, _ = _trials(cfg)
     failed = trials[trials["state"] == "FAIL"]
-    assert list(failed["log2_lr"]) == [-6.0]  # 2^-6 = 0.0156 > 0.01
+    assert list(failed["log2_lr"]) == [-6.0, -6.0]  # 2^-6 = 0.0156 > 0.01, tried 1 + retries
     assert (trials["state"] == "COMPLETE").sum() == 3
     st = sweep.open_storage(cfg)
     import optuna
@@ -143,9 +146,12 @@ def test_command_without_a_final_json_line_fails_the_trial(user_dir):
     (user_dir / "quiet.py").write_text("print('done')\n")
     cfg = _cfg(user_dir, command="{python} quiet.py {lr}")
     cfg.study.space = {"lr": SearchDim(values=[0.01])}
-    sweep.sweep(cfg)
+    from spartune.failures import ObjectiveFailing
+
+    with pytest.raises(ObjectiveFailing, match="printed no JSON line"):
+        sweep.sweep(cfg)
     trials, _ = _trials(cfg)
-    assert list(trials["state"]) == ["FAIL"]
+    assert list(trials["state"]) == ["FAIL", "FAIL"]  # the point and its one retry
 
 
 @pytest.mark.parametrize("change, field, words", [

@@ -5,9 +5,9 @@ Every grid point must be run exactly once: no duplicate, no lost trial, no FAIL 
 the sweep marks `surplus` (a trial created past the grid's end by a race between machines), no
 storage error in any worker's stderr, every exit code 0.
 
-The PostgreSQL test skips where PostgreSQL is not installed (scripts/test.sh installs it with
-apt-get when it runs as root) or cannot be started; under CI (CI=true) a server that is
-installed but does not start, or a missing database driver, is a failure instead.
+The PostgreSQL tests skip where PostgreSQL is not installed (scripts/test.sh installs it with
+apt-get when it runs as root) or cannot be started; under CI (CI=true) a missing server, one
+that is installed but does not start, or a missing database driver, is a failure instead.
 """
 
 from __future__ import annotations
@@ -74,9 +74,12 @@ def postgres(tmp_path: Path, capsys: pytest.CaptureFixture):
     Always stopped at the end, pass or fail; its log is kept as tmp_path/postgresql.log."""
     server = PgServer.find()
     if server is None:
-        pytest.skip("PostgreSQL is not installed: no /usr/lib/postgresql/*/bin/initdb and no "
-                    "initdb on PATH (scripts/test.sh installs it with apt-get when run as "
-                    "root; or: apt-get install postgresql)")
+        reason = ("PostgreSQL is not installed: no /usr/lib/postgresql/*/bin/initdb and no "
+                  "initdb on PATH (scripts/test.sh installs it with apt-get when run as "
+                  "root; or: apt-get install postgresql)")
+        if _under_ci():  # CI promises the real server: its absence is a failure, as in faults
+            pytest.fail(reason)
+        pytest.skip(reason)
     missing = _missing_driver()
     if missing:
         if _under_ci():
@@ -212,3 +215,11 @@ def test_journal_workers_share_one_grid_study(tmp_path: Path, capsys):
     counts = _check_grid(storage, "journal")
     _say(capsys, f"journal file, {JOURNAL_WORKERS} workers, {len(GRID)}-point grid: "
                  f"{sum(counts.values())} trials ({_counts_line(counts)}) in {seconds:.1f} s")
+
+
+def test_the_study_fingerprint_on_postgresql(postgres, tmp_path):
+    """Every field class of test_fingerprint.py, on the real server: the fingerprint is study
+    user attrs, read back from the database as from the journal file."""
+    from test_fingerprint import check_field_classes
+
+    check_field_classes(tmp_path, postgres)

@@ -31,6 +31,22 @@ def test_a_signal_inside_deferred_is_delivered_when_the_block_ends():
     assert done == ["the block finished first"]
 
 
+def test_the_first_shield_of_the_command_says_the_cleanup_began_once():
+    """Its one line is what tells a user (and the sigint_twice fault case) that a second
+    Ctrl-C now lands in the cleanup; a local worker (a multiprocessing child) says nothing."""
+    code = textwrap.dedent("""
+        import multiprocessing as mp
+        from spartune import stops
+        p = mp.get_context("fork").Process(target=stops.shield); p.start(); p.join()
+        print("child done", flush=True)
+        stops.shield(); stops.shield()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "child done\n", r.stderr
+    assert r.stderr.splitlines() == ["spartune: stopping: marking the running trials FAIL; "
+                                     "further Ctrl-C and SIGTERM are ignored until that is done"]
+
+
 def test_sigterm_becomes_terminated_with_exit_code_143():
     old = signal.getsignal(signal.SIGTERM)
     try:

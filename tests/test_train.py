@@ -98,7 +98,7 @@ def test_groups_carry_the_supar_multiplier():
     assert mults == pytest.approx([1.0, 1 / (2 * 0.25)])  # eta / (m_d m_rho) for hidden weights
 
 
-def test_killed_run_resumes_from_its_checkpoint_with_the_same_final_loss(tmp_path):
+def test_killed_run_resumes_from_its_checkpoint_with_the_same_final_loss(tmp_path, caplog):
     cfg = tiny_config(model__density=0.25, train__steps=40, train__checkpoint_every=10)
     whole = train.run(cfg, out_dir=tmp_path / "whole")
 
@@ -109,7 +109,15 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_same_final_loss(tmp_pat
     with pytest.raises(RuntimeError):
         train.run(cfg, crash, out_dir=tmp_path / "resumed")
     assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
-    resumed = train.run(cfg, out_dir=tmp_path / "resumed")
+    reported: list[int] = []
+    with caplog.at_level("INFO", logger="spartune.train"):
+        resumed = train.run(cfg, lambda step, loss: reported.append(step),
+                            out_dir=tmp_path / "resumed")
+    # It resumed, not restarted (a restart from step 0 gives the same loss too): it trained
+    # and evaluated only the steps after the step-20 checkpoint, and said where it resumed.
+    assert reported == [30, 40]
+    assert any("resumed from" in r.getMessage() and r.getMessage().endswith("at step 20")
+               for r in caplog.records)
     assert resumed["final_val_loss"] == whole["final_val_loss"]
     assert resumed["final_train_loss"] == whole["final_train_loss"]
     assert [r["step"] for r in resumed["curve"]] == [10, 20, 30, 40]

@@ -365,8 +365,11 @@ def state(cfg: Config, g: Group, gs: list[Group], studies: dict[sweep.Cell, optu
 
 
 def sync(cfg: Config, g: Group, gs: list[Group], studies: dict[sweep.Cell, optuna.Study],
-         ax: Axis) -> Plan:
-    """Queue the group's missing points that no live trial holds; call under `_ask_lock`."""
+         ax: Axis, since: Any = None) -> Plan:
+    """Queue the group's missing points that no live trial holds; call under `_ask_lock`.
+
+    With `since` (the command's start), a point out of retries, or a cell the failure budget
+    stopped, is not queued (failures.py): the search is then `stuck`."""
     p = state(cfg, g, gs, studies, ax)
     if not p.run:
         return p
@@ -376,12 +379,41 @@ def sync(cfg: Config, g: Group, gs: list[Group], studies: dict[sweep.Cell, optun
         if x in held[seed]:
             continue  # queued, or running in some worker
         study = studies[by_cell[seed]]
+        if since is not None and _given_up(cfg, study, ax, x, since):
+            continue
         value = min(max(x, ax.exact[0]), ax.exact[1]) if ax.exact else x  # _r(value) == x
         study.enqueue_trial({ax.param: value}, user_attrs={"bracket": g.key})
         held[seed].add(x)
         if cfg.study.storage:
             sweep._drop_queued_twins(study)
     return p
+
+
+def _given_up(cfg: Config, study: optuna.Study, ax: Axis, x: float, since: Any) -> bool:
+    """Has the failure budget given up on point `x` of this cell (or on the whole cell)?"""
+    from spartune import failures
+
+    trials = study.get_trials(deepcopy=False)
+    key = sweep._key({ax.param: x})
+    return (failures.verdict(trials, cfg, since) == failures.STOP
+            or failures.exhausted(trials, key, cfg, since))
+
+
+def stuck(cfg: Config, g: Group, gs: list[Group], studies: dict[sweep.Cell, optuna.Study],
+          ax: Axis, p: Plan, since: Any) -> bool:
+    """A search that cannot go on: a point it needs has no retries left, or a cell of the
+    group was stopped by the failure budget, or (continuation) the denser search it waits on
+    is stuck. The command then exits 4 (failures.raise_if_failing)."""
+    if since is None or p.done:
+        return False
+    if p.status == "blocked":
+        d = denser(g, gs)
+        return d is not None and stuck(cfg, d, gs, studies, ax, state(cfg, d, gs, studies, ax),
+                                       since)
+    _, held = observe(studies, g, ax)
+    by_cell = {c.seed: c for c in g.cells}
+    return any(x not in held[seed] and _given_up(cfg, studies[by_cell[seed]], ax, x, since)
+               for seed, x in p.run)
 
 
 def _waiting(study: optuna.Study) -> bool:
@@ -393,7 +425,7 @@ def _waiting(study: optuna.Study) -> bool:
 
 
 def run_worker(cfg: Config, storage: Any, worker: int = 0, progress: Any = None,
-               poll: float = 2.0) -> int:
+               poll: float = 2.0, since: Any = None) -> int:
     """Run the groups' searches until every one has ended; return the trials run here.
 
     A worker takes a queued point of any group it can; while every open group waits on points
@@ -411,7 +443,7 @@ def run_worker(cfg: Config, storage: Any, worker: int = 0, progress: Any = None,
                 sweep.recover(study, cfg)
         busy, open_groups = False, False
         for g in gs:
-            n, ended = _work_on(cfg, g, gs, studies, ax, progress, deadline)
+            n, ended = _work_on(cfg, g, gs, studies, ax, progress, deadline, since)
             ran, busy, open_groups = ran + n, busy or n > 0, open_groups or not ended
             if time.monotonic() > deadline:
                 return ran
@@ -425,17 +457,21 @@ def run_worker(cfg: Config, storage: Any, worker: int = 0, progress: Any = None,
 
 
 def _work_on(cfg: Config, g: Group, gs: list[Group], studies: dict[sweep.Cell, optuna.Study],
-             ax: Axis, progress: Any, deadline: float) -> tuple[int, bool]:
+             ax: Axis, progress: Any, deadline: float, since: Any = None) -> tuple[int, bool]:
     """Run the group's queued points this worker can take: (trials run, has the search
-    ended)."""
+    ended, or stopped on failures)."""
+    from spartune import failures
+
     ran, ended = 0, False
     for cell in g.cells:
         study = studies[cell]
 
         def may_ask(study: optuna.Study = study) -> bool:
             nonlocal ended
-            ended = sync(cfg, g, gs, studies, ax).done
-            return _waiting(study)
+            p = sync(cfg, g, gs, studies, ax, since)
+            ended = p.done or stuck(cfg, g, gs, studies, ax, p, since)
+            trials = study.get_trials(deepcopy=False)
+            return failures.verdict(trials, cfg, since) == failures.OK and _waiting(study)
 
         while time.monotonic() <= deadline:
             got = sweep.run_next(study, cfg, cell, may_ask)

@@ -462,10 +462,33 @@ def _check_sweep(cfg: Config) -> None:
     sweep.validate_study(cfg)
 
 
+def _objective_failing(task: Callable[[Config, Path], Any]) -> Callable[[Config, Path], Any]:
+    """A task whose sweep the failure budget stopped (failures.py) ends in its one line and
+    exit 4, after the task has written what the finished trials give."""
+    import functools
+
+    @functools.wraps(task)
+    def wrapped(cfg: Config, run_dir: Path) -> Any:
+        from spartune.failures import ObjectiveFailing
+
+        try:
+            return task(cfg, run_dir)
+        except ObjectiveFailing as e:
+            fail(e.field, e.message, stops.EXIT_OBJECTIVE)
+    return wrapped
+
+
+@_objective_failing
 def _sweep(cfg: Config, run_dir: Path) -> None:
     from spartune import collect, report, sweep
+    from spartune.failures import ObjectiveFailing
 
-    res = sweep.sweep(cfg)
+    try:
+        res = sweep.sweep(cfg)
+    except ObjectiveFailing:
+        trials, curves = collect.load_trials(sweep.open_storage(cfg), cfg.study.name)
+        collect.write_tables(trials, curves, sweep.study_dir(cfg))  # the finished ones, kept
+        raise
     trials, curves = collect.load_trials(sweep.open_storage(cfg), cfg.study.name)
     out = sweep.study_dir(cfg)
     paths = collect.write_tables(trials, curves, out)
@@ -500,8 +523,10 @@ def _check_transfer(cfg: Config) -> None:
     sweep.check_overrides(cfg, _overrides(), axes="transfer")
     trackers.check(cfg)
     transfer.validate_transfer(cfg)
+    transfer.check_target_name(cfg, cfg.study.name)
 
 
+@_objective_failing
 def _transfer(cfg: Config, run_dir: Path) -> None:
     from spartune import analysis, report, transfer
 
@@ -528,12 +553,23 @@ def _plot(cfg: Config, run_dir: Path) -> None:
         if not trials.empty:
             collect.write_tables(trials, curves, out)
     trials, curves = collect.read_tables(out)
+    _require_completed(trials, cfg.study.name)
     figs = report.make_figures(trials, curves, out)
     one_hp = not report.searched_together(trials[trials["role"] == "search"])
     for line in report.optimum_lines(trials, "lr") if one_hp else []:
         print(line)
     for p in figs:
         print(f"wrote {p}")
+
+
+def _require_completed(trials: Any, name: str) -> None:
+    """Figures of a study with no completed trial would be empty: say what it holds."""
+    if (trials["state"] == "COMPLETE").any():
+        return
+    found = ", ".join(f"{k} {v}" for k, v in trials["state"].value_counts().sort_index().items())
+    fail("study.name", f"study {name!r} has no completed trial (it holds {found or 'none'}): "
+         "nothing to plot; run or finish the sweep first (spartune-sweep ... "
+         f"study.name={name}), or fix its objective if its trials FAIL")
 
 
 def _check_pipeline(cfg: Config) -> None:
@@ -543,6 +579,7 @@ def _check_pipeline(cfg: Config) -> None:
     pipeline.check(cfg)
 
 
+@_objective_failing
 def _pipeline(cfg: Config, run_dir: Path) -> None:
     from spartune import pipeline
 

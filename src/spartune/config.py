@@ -223,6 +223,15 @@ class StudyConfig:
     # Refine by half a step towards the lower neighbour once bracketed; false: the optimum is
     # the parabola through the bracket on the step grid (cheaper; enough for flat curves).
     refine: bool = True
+    # A trial the objective failed (an exception, a non-zero exit) is retried at most this
+    # many times per grid or bracket point in one command; a cell whose last `max_failures`
+    # trials all failed stops, and the command exits 4 (failures.py).
+    retries: int = 1
+    max_failures: int = 3
+    # Fields (dotted, e.g. train.steps, or a group such as data) a rerun may change although
+    # the study was created with other values: the change is recorded in the study
+    # (fingerprint.py). Empty: a changed configuration is refused.
+    allow_changes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -110,6 +110,44 @@ def _import(module: str) -> Any:
         return importlib.import_module(module)
 
 
+def check_ready(cfg: Config) -> None:
+    """Before the first trial: the objective can run at all, so a typo fails the command in one
+    line instead of failing every trial (failures.py bounds those, this avoids them).
+
+    A command's executable resolves on PATH or is an executable file (a `{python}` word is
+    this interpreter; another placeholder there is left to the trial); a `_target_` imports,
+    is callable and accepts `(cfg, report, **kwargs)`."""
+    import inspect
+    import shutil
+
+    if kind(cfg) == "command":
+        try:
+            first = shlex.split(cfg.study.command or "")[0]
+        except (ValueError, IndexError):
+            return  # validate_objective and render say what is wrong with the template
+        if first == "{python}" or "{" in first:
+            return
+        path = Path(first).expanduser()
+        found = shutil.which(first) if os.sep not in first else (
+            str(path) if path.is_file() and os.access(path, os.X_OK) else None)
+        if found is None:
+            where = "is not an executable file" if os.sep in first else "is not on PATH"
+            raise ConfigError("study.command", f"{first!r} {where}: install it, give its full "
+                              "path, or fix the command (e.g. '{python} train.py lr={lr}')")
+    elif kind(cfg) == "python":
+        kwargs = dict(cfg.study.objective)
+        target = kwargs.pop("_target_")
+        fn = resolve(target)
+        try:
+            inspect.signature(fn).bind(cfg, lambda step, loss: None, **kwargs)
+        except TypeError as e:
+            raise ConfigError("study.objective._target_", f"{target} cannot be called as "
+                              f"fn(cfg, report{', ' if kwargs else ''}"
+                              f"{', '.join(f'{k}=...' for k in kwargs)}): {e}") from None
+        except ValueError:
+            pass  # no signature to read (a builtin): the trial will tell
+
+
 def _python(cfg: Config, report: Report) -> dict[str, Any]:
     kwargs = dict(cfg.study.objective)
     fn = resolve(kwargs.pop("_target_"))

@@ -9,12 +9,15 @@ Every spartune command ends in one of these ways (README, "Sweeps that survive")
 | 2 | bad input: one line naming the field and the fix; nothing was written |
 | 3 | the environment failed: the storage went away, or a disk (quota, file-size limit) |
 |   | is full; one line names it; finished trials are kept |
+| 4 | the objective kept failing: a cell's failure budget ran out (failures.py); one line |
+|   | names the cell, the count and the last error; finished trials are kept |
 | 130 | Ctrl-C (SIGINT): the running trials are marked FAIL, run the same command again |
 | 143 | SIGTERM (a scheduler's stop, `kill`): the same clean stop as Ctrl-C |
 
 A stop is clean once it has begun: the first SIGINT or SIGTERM makes the process ignore both
 for the rest of its life (`shield`), so a second Ctrl-C during the cleanup cannot interrupt the
-write that marks the trial FAIL and leave it RUNNING.
+write that marks the trial FAIL and leave it RUNNING. The command's own process says so on
+its first shield, in one `spartune: stopping: ...` line: the cleanup has begun.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-EXIT_VERDICT, EXIT_USAGE, EXIT_ENVIRONMENT = 1, 2, 3
+EXIT_VERDICT, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_OBJECTIVE = 1, 2, 3, 4
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
@@ -45,11 +48,23 @@ def obey_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+_ANNOUNCED: list[bool] = []
+
+
 def shield() -> None:
-    """Ignore SIGINT and SIGTERM from now on: the process is stopping, let it finish cleanly."""
+    """Ignore SIGINT and SIGTERM from now on: the process is stopping, let it finish cleanly.
+
+    The first call in the command's own process (not a local worker's) prints one line that
+    the cleanup has begun: a user (or a test) knows a second Ctrl-C now lands in it."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        import multiprocessing
+
+        if not _ANNOUNCED and multiprocessing.parent_process() is None:
+            _ANNOUNCED.append(True)
+            print("spartune: stopping: marking the running trials FAIL; further Ctrl-C and "
+                  "SIGTERM are ignored until that is done", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

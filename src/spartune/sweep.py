@@ -36,7 +36,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from spartune import atomic, launch, stops
+from spartune import atomic, failures, fingerprint, launch, stops
 from spartune.columns import HP_FIELDS
 from spartune.config import (
     Config,
@@ -154,12 +154,16 @@ def validate_study(cfg: Config) -> None:
             raise ConfigError(f"{f}.step", "must be > 0")
         if s.sampler == "grid":
             grid_values(name, dim)
+    failures.validate(s)
     launch.check_devices(cfg, launch.visible_gpus())
     if s.sampler == "bracket":
         from spartune import bracket  # the search strategy built on this module's storage
 
         bracket.validate(cfg)
     validate(cfg)
+    from spartune import objectives
+
+    objectives.check_ready(cfg)  # the command's executable, the function's import: now
 
 
 def check_overrides(cfg: Config, overrides: list[str], *, axes: str = "study") -> None:
@@ -417,7 +421,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
     or a command) as `trial`, record everything in its user attrs, and tell Optuna."""
     from spartune import objectives
 
-    values = _suggest(trial, cfg)
+    with stops.deferred():  # journal appends: a signal inside Optuna's lock release leaves
+        values = _suggest(trial, cfg)  # a FileNotFoundError, not the stop (held till after)
     run_cfg = cell_config(cfg, cell, values)
     role = cfg.study.role
     if role == "target" and not math.isclose(values.get("lr", cfg.optim.lr), cfg.optim.lr,
@@ -429,11 +434,13 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
         "lr": run_cfg.optim.lr, "init_std": run_cfg.model.init_std,
         "alpha_input": run_cfg.param.alpha_input, "alpha_output": run_cfg.param.alpha_output,
     }
-    for k, v in attrs.items():
-        trial.set_user_attr(k, v)
+    with stops.deferred():
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
 
     def report(step: int, loss: float) -> None:
-        trial.report(loss, step)
+        with stops.deferred():
+            trial.report(loss, step)
         if trial.should_prune():
             raise optuna.TrialPruned()
 
@@ -452,6 +459,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
     except objectives.TrialFailed as e:  # the user's code failed at this point: go on
         with stops.deferred():
             trial.set_user_attr("error", str(e)[:500])
+            trial.set_user_attr(failures.MARK, True)  # budgeted, not recovered as a crash
             study.tell(trial, state=TrialState.FAIL)
         print(f"spartune: trial {cell.key}#{trial.number} failed: {e}", file=sys.stderr)
         return None
@@ -517,7 +525,8 @@ def _load_cell_study(cfg: Config, storage: Any, cell: Cell, worker: int) -> optu
                                 load_if_exists=True)
     if not study.user_attrs:
         for k, v in {"study": cfg.study.name, "cell": cell.key, "param": cell.param,
-                     "width": cell.width, "density": cell.density, "seed": cell.seed}.items():
+                     "width": cell.width, "density": cell.density, "seed": cell.seed,
+                     fingerprint.ATTR: fingerprint.of(cfg)}.items():
             study.set_user_attr(k, v)
     return study
 
@@ -547,7 +556,7 @@ def _owner_alive(owner: str | None) -> bool:
     return _proc_start(int(pid)) == started if started else os.path.exists(f"/proc/{pid}")
 
 
-def recover(study: optuna.Study, cfg: Config) -> int:
+def recover(study: optuna.Study, cfg: Config, since: datetime | None = None) -> int:
     """Fail the trials of dead workers, and queue failed grid points again; returns how many.
 
     RDB storages: Optuna's own heartbeat (`fail_stale_trials`). Journal files have no
@@ -562,6 +571,9 @@ def recover(study: optuna.Study, cfg: Config) -> int:
     between local workers, so a retry is queued once. Machines sharing a database have no
     common lock: two may queue the same retry in the same instant, and the later one (higher
     trial number) is dropped as `surplus` before it trains (`_duplicate`, `_drop_queued_twins`).
+
+    With `since` (the command's start), a point the objective failed in this command is left
+    to the failure budget (failures.queue_retries), which retries it while the cell may go on.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -579,7 +591,8 @@ def recover(study: optuna.Study, cfg: Config) -> int:
     for t in trials:
         params = _point_params(t, study.sampler)
         if (t.state == TrialState.FAIL and params and not t.user_attrs.get("surplus")
-                and _key(params) not in covered):
+                and _key(params) not in covered
+                and not (since and failures.point_failures(trials, _key(params), since))):
             study.enqueue_trial(params, user_attrs={"retry_of": t.number})
             covered.add(_key(params))
             queued += 1
@@ -721,29 +734,44 @@ def worker_threads(cfg: Config) -> int:
     return cfg.train.threads or max(1, (os.cpu_count() or 1) // cfg.study.workers)
 
 
-def run_worker(cfg: Config, worker: int = 0, progress: Any = None) -> int:
-    """Run trials cell by cell until every cell's budget is spent; return trials run here."""
+def run_worker(cfg: Config, worker: int = 0, progress: Any = None,
+               since: datetime | None = None) -> int:
+    """Run trials cell by cell until every cell's budget is spent; return trials run here.
+
+    `since` is when the command started: the failure budget counts its failures only."""
     import torch
 
     torch.set_num_threads(worker_threads(cfg))
     stops.quiet_storage_threads()
     launch.pin_worker(cfg, worker)  # its own GPU(s), when there are GPUs
     storage = open_storage(cfg)
+    since = since or datetime.now()
     if cfg.study.sampler == "bracket":
         from spartune import bracket  # its own walk over the cells; trials run by run_next
 
-        return bracket.run_worker(cfg, storage, worker, progress)
+        return bracket.run_worker(cfg, storage, worker, progress, since=since)
     total, start = budget(cfg), time.monotonic()
     ran = 0
     for cell in cells(cfg.study):
         study = _load_cell_study(cfg, storage, cell, worker)
         with _ask_lock(cfg):
-            recover(study, cfg)
+            recover(study, cfg, since)
+
+        def may_ask(study: optuna.Study = study) -> bool:
+            trials = study.get_trials(deepcopy=False)
+            return (failures.verdict(trials, cfg, since) == failures.OK
+                    and _may_ask(study, cfg, total))
+
         while True:
             if cfg.study.timeout and time.monotonic() - start > cfg.study.timeout:
                 return ran
-            got = run_next(study, cfg, cell, lambda study=study: _may_ask(study, cfg, total))
+            got = run_next(study, cfg, cell, may_ask)
             if got is None:
+                if cfg.study.sampler == "grid":
+                    with _ask_lock(cfg):
+                        retried = failures.queue_retries(study, cfg, since)
+                    if retried:
+                        continue  # a point the objective failed, once more
                 if not _untagged(study, cfg):
                     break
                 with _ask_lock(cfg):
@@ -833,7 +861,7 @@ def worker_context(cfg: Config) -> Any:
     return mp.get_context("fork" if can_fork else "spawn")
 
 
-def _worker_entry(cfg: Config, worker: int) -> None:
+def _worker_entry(cfg: Config, worker: int, since: datetime | None = None) -> None:
     from spartune.train import flush_denormals
 
     flush_denormals()  # before torch starts its thread pool in this fresh process
@@ -842,7 +870,7 @@ def _worker_entry(cfg: Config, worker: int) -> None:
     # The parent stops its workers with SIGTERM on Ctrl-C: end the trial as FAIL, cleanly.
     stops.obey_sigterm()
     try:
-        run_worker(cfg, worker)
+        run_worker(cfg, worker, since=since)
     except KeyboardInterrupt as e:
         sys.exit(stops.exit_code(e))
     except atomic.WriteError as e:
@@ -877,7 +905,12 @@ def count_done(cfg: Config, storage: Any) -> tuple[int, float]:
 
 
 def sweep(cfg: Config) -> dict[str, Any]:
-    """Run the study with `study.workers` local processes (this one included)."""
+    """Run the study with `study.workers` local processes (this one included).
+
+    Refuses a rerun whose configuration differs from the study's (fingerprint.py) before any
+    trial; raises failures.ObjectiveFailing at the end when the failure budget stopped a cell.
+    """
+    since = datetime.now()
     validate_study(cfg)
     if cfg.study.sampler == "bracket":
         from spartune import bracket
@@ -886,6 +919,7 @@ def sweep(cfg: Config) -> dict[str, Any]:
     storage = open_storage(cfg)
     n_total = budget(cfg) * len(cells(cfg.study))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    fingerprint.check_storage(cfg, storage)  # a changed experiment stops here, nothing run
     done0, _ = count_done(cfg, storage)
     log.info("study %s: %d cells x %d trials = %d; %d already finished; storage %s",
              cfg.study.name, len(cells(cfg.study)), budget(cfg), n_total, done0,
@@ -893,7 +927,7 @@ def sweep(cfg: Config) -> dict[str, Any]:
     procs = []
     ctx = worker_context(cfg)
     for w in range(1, cfg.study.workers):
-        p = ctx.Process(target=_worker_entry, args=(cfg, w), daemon=False)
+        p = ctx.Process(target=_worker_entry, args=(cfg, w, since), daemon=False)
         with warnings.catch_warnings():
             # Python >= 3.12 warns on fork from a threaded process; worker_context only forks
             # when the child stays single-threaded in OpenMP and CUDA is untouched.
@@ -909,14 +943,14 @@ def sweep(cfg: Config) -> dict[str, Any]:
             bar.set_postfix(best=f"{best:.4f}" if math.isfinite(best) else "-", refresh=False)
             bar.refresh()
 
-    t0, since = time.monotonic(), time.time()
+    t0, started = time.monotonic(), since.timestamp()
     pids = [os.getpid(), *(p.pid for p in procs)]
     from spartune import progress as lines  # a line every 30 s when stdout is a log
 
     ticker = lines.Ticker(cfg.study.name, n_total, lines.tally(storage, cfg.study.name).done,
-                          lambda: lines.tally(storage, cfg.study.name, pids, since)).start()
+                          lambda: lines.tally(storage, cfg.study.name, pids, started)).start()
     try:
-        run_worker(cfg, 0, progress)
+        run_worker(cfg, 0, progress, since=since)
         for p in procs:
             p.join()
     except KeyboardInterrupt:
@@ -932,7 +966,7 @@ def sweep(cfg: Config) -> dict[str, Any]:
             bar.close()
     failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
     done, best = count_done(cfg, storage)
-    ran = lines.tally(storage, cfg.study.name, pids, since).ran_here  # every local worker's
+    ran = lines.tally(storage, cfg.study.name, pids, started).ran_here  # every local worker's
     out = {"total": n_total, "finished": done, "ran_here": ran, "best": best,
            "seconds": time.monotonic() - t0, "worker_failures": len(failed),
            "storage": storage_url(cfg), "notes": []}
@@ -941,6 +975,7 @@ def sweep(cfg: Config) -> dict[str, Any]:
 
         out["notes"], missing = bracket.summary(cfg, storage)
         out["total"] = done + missing  # a search's size is known once it has ended
+    failures.raise_if_failing(cfg, storage, since)  # exit 4: the objective, not the config
     return out
 
 

@@ -114,6 +114,15 @@ def validate_transfer(cfg: Config) -> None:
         check_step(t.check_octaves)
 
 
+def check_target_name(cfg: Config, name: str) -> None:
+    """The targets' study is not the proxy's: its trials would land among the proxy's, and a
+    target cell equal to a proxy cell would count the proxy's trials as finished targets."""
+    if name == cfg.transfer.source:
+        raise ConfigError("study.name", f"{name!r} is also transfer.source: the target runs "
+                          "would be written into the proxy's own study; give the targets a "
+                          f"study of their own, e.g. study.name={name}_targets")
+
+
 def plan(cfg: Config, chosen: dict) -> pd.DataFrame:
     """Per target and role, the init std, Adam LR and multipliers that will actually be used."""
     t = cfg.transfer
@@ -157,6 +166,7 @@ def run(cfg: Config, *, name: str | None = None) -> dict[str, Any]:
     from spartune import collect, sweep
 
     validate_transfer(cfg)
+    check_target_name(cfg, name or cfg.study.name)
     src_dir = Path(cfg.results_dir) / cfg.transfer.source
     try:
         storage = collect.storage_for(src_dir, cfg.transfer.source_storage)

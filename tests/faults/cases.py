@@ -29,6 +29,7 @@ from .harness import (
     run,
     start,
     states,
+    storage,
     sweep_args,
     trials,
     wait_for,
@@ -181,9 +182,15 @@ def _clean_stop(cwd: Path, sig: int, code: int, word: str, twice: bool = False) 
     p = start("spartune-sweep", args, cwd)
     before = finished(wait_for(cwd, name, mid_grid(1, 2), [p]))
     p.kill_group(sig)  # a terminal's Ctrl-C (or a scheduler's stop) reaches the whole group
-    if twice:
-        time.sleep(0.3)
+    second = ""
+    if twice:  # into the cleanup: once its first line is out, while the process still runs
+        end = time.monotonic() + 60
+        while "spartune: stopping:" not in p.stderr() and time.monotonic() < end:
+            check(p.popen.poll() is None, "the sweep ended without saying it was stopping")
+            time.sleep(0.005)
+        check(p.popen.poll() is None, "the cleanup ended before the second signal")
         p.kill_group(sig)
+        second = ", the second signal during the cleanup"
     rc = p.wait()
     err = p.stderr()
     no_traceback(err)
@@ -193,7 +200,7 @@ def _clean_stop(cwd: Path, sig: int, code: int, word: str, twice: bool = False) 
     check(left["RUNNING"] == 0, f"a clean stop left trials RUNNING: {dict(left)}")
     _rerun(cwd, args)
     out = invariants(cwd, name, before, plot=False)
-    return f"exit {rc}, {dict(left)}; after rerun {out.line()}"
+    return f"exit {rc}{second}, {dict(left)}; after rerun {out.line()}"
 
 
 CASES["sigint"] = lambda cwd: _clean_stop(cwd, signal.SIGINT, 130, "interrupted")
@@ -382,3 +389,88 @@ def readers_during_sweep(cwd: Path) -> str:
     check(rows == sorted(rows), f"trials.csv shrank between snapshots: {rows}")
     out = invariants(cwd, name, {}, plot=False)  # the sweep's own, written at its end
     return f"trials.csv rows {rows} while running; {out.line()}"
+
+
+# -- one study, one experiment ------------------------------------------------------------------
+
+
+def _journal_bytes(cwd: Path, name: str) -> bytes:
+    return (cwd / "results" / name / "optuna.journal").read_bytes()
+
+
+def _refused(cwd: Path, cmd: str, args: list[str], code: int, field: str) -> str:
+    """The command ends in one `spartune: error: FIELD: ...` line and exit `code`."""
+    rc, _, err = run(cmd, args, cwd, timeout=240)
+    no_traceback(err)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    check(rc == code, f"exit code {rc}, expected {code}: {last_line(err)}")
+    check(bool(lines) and lines[-1].startswith(f"spartune: error: {field}"),
+          f"last line: {last_line(err)!r}")
+    return lines[-1]
+
+
+@case("rerun_changed_config")
+def rerun_changed_config(cwd: Path) -> str:
+    """A finished grid rerun with another train.steps, then other data: each refused before any
+    trial, one line naming the field, exit 2, the journal byte for byte unchanged; a rerun that
+    changes only the workers is the same experiment and exits 0."""
+    name = "fp"
+    args = _done_study(cwd, name)
+    before, stored = finished(trials(cwd, name)), _journal_bytes(cwd, name)
+    lines = []
+    for change, field in (("train.steps=40", "train.steps"), ("data=pystdlib", "data.name")):
+        line = _refused(cwd, "spartune-sweep", [*args, change], 2, field)
+        check("study.allow_changes" in line and "study.name" in line, f"no fix named: {line}")
+        check(_journal_bytes(cwd, name) == stored, f"{change}: the journal changed")
+        lines.append(line[:60])
+    _rerun(cwd, [*args, "study.workers=1"])
+    out = invariants(cwd, name, before, plot=False)
+    return f"{' / '.join(lines)}...; workers=1 accepted; {out.line()}"
+
+
+FAILING = "{python} -c 'import sys; sys.exit(5)' {lr}"
+
+
+@case("failing_objective")
+def failing_objective(cwd: Path) -> str:
+    """`-cn proxy study.n_trials=1` whose command always fails, on 2 workers: at most
+    max_failures (3) FAIL trials, exit 4 with one line; a missing binary is refused before any
+    trial (exit 2, no storage written)."""
+    name = "failing"
+    base = ["-cn", "proxy", "data=synthetic", "train=smoke", "train.device=cpu",
+            "train.threads=1", "study.n_trials=1", f"study.name={name}"]
+    line = _refused(cwd, "spartune-sweep",
+                    [*base, "study.command='no_such_binary {lr}'"], 2, "study.command")
+    check("PATH" in line, f"the line does not say PATH: {line}")
+    check(not (cwd / "results" / name / "optuna.journal").exists(), "a storage was written")
+    t0 = time.monotonic()
+    line4 = _refused(cwd, "spartune-sweep", [*base, "study.workers=2",
+                                             f"study.command=\"{FAILING}\""], 4,
+                     "study.command")
+    took = time.monotonic() - t0
+    check("fix the objective" in line4 and "exited 5" in line4, f"last line: {line4}")
+    st = storage(cwd, name)
+    import optuna
+
+    counts: dict[str, int] = {}
+    for s in optuna.get_all_study_summaries(st, include_best_trial=False):
+        for t in optuna.load_study(study_name=s.study_name, storage=st).trials:
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    check(counts.get("FAIL", 0) <= 3 and not counts.get("RUNNING"),
+          f"trials after the stop: {counts}")
+    return f"{line[:60]}...; {line4[:80]}... ({counts}, {took:.0f} s)"
+
+
+@case("transfer_into_source")
+def transfer_into_source(cwd: Path) -> str:
+    """`spartune-transfer -cn proxy` would write its targets into the proxy's own study:
+    refused in one line naming study.name, exit 2, the proxy's journal unchanged."""
+    name = "proxy"
+    _done_study(cwd, name)
+    stored = _journal_bytes(cwd, name)
+    line = _refused(cwd, "spartune-transfer", [
+        "-cn", "proxy", "data=synthetic", "train=smoke", "model.head_size=16",
+        "transfer.params=[supar]", "transfer.widths=[64]", "transfer.densities=[0.5]",
+        "transfer.hps=[lr]", "train.device=cpu", "train.threads=1"], 2, "study.name")
+    check(_journal_bytes(cwd, name) == stored, "the proxy's journal changed")
+    return f"{line[:100]}..."
