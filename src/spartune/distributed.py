@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -63,15 +64,22 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def init(device: torch.device) -> Dist:
-    """Join torchrun's process group (NCCL for CUDA, gloo otherwise); a no-op for one process.
+def under_torchrun() -> bool:
+    """Started by torchrun (or a launcher that sets its variables), or inside a process group
+    the caller made: where a sharded run can find its ranks."""
+    return dist.is_initialized() or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def init(device: torch.device, *, group: bool = False) -> Dist:
+    """Join torchrun's process group (NCCL for CUDA, gloo otherwise); a no-op for one process
+    unless `group` (fsdp: fully_shard needs a group, even of one rank under torchrun).
 
     On CUDA each process trains on `cuda:LOCAL_RANK` of the devices the launcher made visible,
     so N ranks on one node use N GPUs. A group made by the caller (a test, a user's script) is
     used as it is.
     """
     world = env_world_size()
-    if world <= 1 and not dist.is_initialized():
+    if world <= 1 and not dist.is_initialized() and not group:
         return Dist()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     owns = False
@@ -85,10 +93,22 @@ def init(device: torch.device) -> Dist:
 
 
 def close(d: Dist) -> None:
-    """Tear down the group this run made. A DDP wrapper still held by a reference cycle is
-    collected first: a reducer destroyed after its process group can hang one rank for ever."""
+    """Tear down the group this run made, in the one order that is safe on every rank.
+
+    1. A DDP wrapper (or FSDP state) still held by a reference cycle is collected first: a
+       reducer destroyed after its process group can hang one rank for ever.
+    2. A barrier: no rank destroys its end of the group while a peer is still inside a
+       collective or has not yet reached teardown. Without it the faster rank closes its gloo
+       connections while the slower one still uses them; the slower one's pending send or
+       receive then fails inside gloo's background thread, which throws an exception nothing
+       catches (std::terminate: SIGABRT), or its own destroy waits on a peer that is gone.
+    3. destroy_process_group, then nothing else distributed on this process.
+    A run that raised on one rank skips the barrier (a peer may never reach it): that run
+    exits non-zero anyway, and torchrun stops the others."""
     if d.owns_group and dist.is_initialized():
         gc.collect()
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -125,6 +145,8 @@ def mask_digest(model: nn.Module) -> bytes:
     h = hashlib.sha256()
     for name, buf in model.state_dict().items():
         if name.endswith("_mask"):
+            if hasattr(buf, "full_tensor"):  # a sharded mask (fsdp): every rank calls this
+                buf = buf.full_tensor()
             h.update(name.encode())
             h.update(buf.detach().to("cpu", torch.uint8).numpy().tobytes())
     return h.digest()
