@@ -15,10 +15,16 @@ library's, not the run's), builds the corpus, records its high-water mark, then 
 `spartune.train.run` for a few steps (width 512 by default, SμPar, batch 16 x 64, 2 threads)
 and records it again. Runs: density 1 and density 1/16.
 
-Reported: peak RSS / state bytes (params + grads + 2 moments) of the dense run (the last line's
-ratio), the same above the import baseline, and for the sparse run the mask bytes vs a float32
-copy of the masked weights. target=report: it passes if the mask bytes are <= 1/4 of the float32
-bytes of the masked layers' weights.
+Reported: peak RSS / state bytes (params + grads + 2 moments) of the dense run, the same above
+the import baseline, and for the sparse run the mask bytes vs a float32 copy of the masked
+weights (goal: <= 1/4).
+
+Sharded vs replicated (the last line): the same sparse run (density 1/16) as 2 ranks under
+torchrun, `train.parallel=fsdp` and `ddp`; each rank reports the bytes it holds itself
+(`rank_param_bytes`: parameters + mask buffers, `rank_optimizer_bytes`: AdamW's state, read
+from the local shards of the DTensors under fsdp). Ratio: the larger rank's fsdp bytes over the
+larger rank's ddp bytes; target <= 0.55 (the ideal is 0.5; shards are torch.chunk splits of
+dim 0, so an odd dim puts one row more on one rank). Passes if that and the mask goal hold.
 """
 
 from __future__ import annotations
@@ -84,6 +90,37 @@ def child(width: int, density: float, steps: int) -> dict[str, float]:
             "masked_float_bytes": masked_float, "hidden_float_bytes": hidden_float}
 
 
+def rank_child(parallel: str, width: int, density: float, steps: int, out: str) -> None:
+    """One rank of a 2-rank run under torchrun: its own parameter and optimizer bytes."""
+    import os
+
+    import torch
+
+    from spartune import train
+
+    torch.set_num_threads(1)
+    cfg = bench_config(width=width, density=density, steps=steps, eval_batches=1, threads=1)
+    cfg.train.parallel, cfg.model.sparse_impl = parallel, "masked"
+    m = train.run(cfg)
+    rank = os.environ["RANK"]
+    Path(out, f"{parallel}{rank}.json").write_text(json.dumps(
+        {k: m[k] for k in ("rank_param_bytes", "rank_optimizer_bytes", "world_size",
+                           "parallel", "n_params")}))
+
+
+def run_ranks(parallel: str, width: int, density: float, steps: int) -> list[dict]:
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", __file__, "--rank-child", parallel, str(width),
+                        str(density), str(steps), out],
+                       capture_output=True, text=True, check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return [json.loads(Path(out, f"{parallel}{r}.json").read_text()) for r in range(2)]
+
+
 def run_child(width: int, density: float, steps: int) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--child", str(width), str(density), str(steps)],
@@ -94,6 +131,10 @@ def run_child(width: int, density: float, steps: int) -> dict[str, float]:
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--child":
         print(json.dumps(child(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))))
+        return
+    if len(sys.argv) == 7 and sys.argv[1] == "--rank-child":
+        rank_child(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]),
+                   sys.argv[6])
         return
     p = parser(__doc__)
     p.add_argument("--width", type=int, default=None, help="model width (512)")
@@ -123,8 +164,19 @@ def main() -> None:
                 [[sparse["masked_float_bytes"] / MiB, sparse["mask_bytes"] / MiB, mask_frac,
                   extra / MiB]],
                 title="density 1/16: mask bytes vs a float32 copy of the masked weights")
-    ratio = dense["peak_bytes"] / dense["state_bytes"]
-    verdict(NAME, ratio, "report", mask_frac <= 0.25)
+    print(f"# peak RSS / state of the dense run: {dense['peak_bytes'] / dense['state_bytes']:.3f}"
+          f" (report); masks / float copy: {mask_frac:.3f} (goal <= 0.25)")
+
+    per = {p: run_ranks(p, width, 1 / 16, steps) for p in ("ddp", "fsdp")}
+    rows = [[p, r, x["rank_param_bytes"] / MiB, x["rank_optimizer_bytes"] / MiB,
+             (x["rank_param_bytes"] + x["rank_optimizer_bytes"]) / MiB]
+            for p, xs in per.items() for r, x in enumerate(xs)]
+    print_table(["parallel", "rank", "params + masks MiB", "AdamW state MiB", "total MiB"], rows,
+                title=f"2 ranks, width {width}, density 1/16: bytes each rank holds")
+    held = {p: max(x["rank_param_bytes"] + x["rank_optimizer_bytes"] for x in xs)
+            for p, xs in per.items()}
+    ratio = held["fsdp"] / held["ddp"]
+    verdict(NAME, ratio, "<=0.55", ratio <= 0.55 and mask_frac <= 0.25)
 
 
 if __name__ == "__main__":

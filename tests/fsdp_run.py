@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
-from spartune import distributed, sharding, train  # noqa: E402
+from spartune import sharding, train  # noqa: E402
 
 
 def masked_zero(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[bool, int]:

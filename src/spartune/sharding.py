@@ -244,15 +244,16 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
         set_state_dict,
     )
 
+    solo = not (dist.is_available() and dist.is_initialized())  # one process: say so to DCP
     if optimizer is None:
         msd = model.state_dict()
         sd: dict[str, Any] = {"model": msd}
-        dcp.load(sd, checkpoint_id=folder)
+        dcp.load(sd, checkpoint_id=folder, no_dist=solo)
         set_model_state_dict(model, sd["model"])
     else:
         msd, osd = get_state_dict(model, optimizer)
         sd = {"model": msd, "optimizer": osd}
-        dcp.load(sd, checkpoint_id=folder)
+        dcp.load(sd, checkpoint_id=folder, no_dist=solo)
         set_state_dict(model, optimizer, model_state_dict=sd["model"],
                        optim_state_dict=sd["optimizer"])
     return torch.load(folder / _EXTRA, weights_only=False)
