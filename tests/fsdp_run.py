@@ -9,6 +9,11 @@ MODE
   die   as run, but the process exits abruptly (os._exit) at the first eval after `die_at`
   own   the example's own GPT-2 (examples/own_model): parameterize, fully_shard, train a few
         steps on this rank's rows of each batch; record the losses and masked-zero checks
+  tear  the teardown probe: fully_shard two Linear layers, 3 steps, rank 1 ends 0.5 s after
+        rank 0; then `distributed.close` (OVERRIDES {"close": true}) or exit with the group
+        alive ({"close": false}). Run in a shell loop to count clean exits, e.g.
+        for i in $(seq 10); do python -m torch.distributed.run --standalone \
+          --nproc_per_node=2 tests/fsdp_run.py tear '{"close": false}' /tmp/t; echo $?; done
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
-from spartune import sharding, train  # noqa: E402
+from spartune import distributed, sharding, train  # noqa: E402
 
 
 def masked_zero(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[bool, int]:
@@ -103,9 +108,35 @@ def own(over: dict) -> dict:
     return out
 
 
+def tear(over: dict) -> None:
+    import time
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    d = distributed.init(torch.device("cpu"), group=True)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    for layer in net:
+        fully_shard(layer)
+    fully_shard(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.01)
+    for _ in range(3):
+        net(torch.randn(8, 64)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    if dist.get_rank() == 1:
+        time.sleep(0.5)  # ranks that end at different times: the case that aborted
+    if over.get("close", True):
+        distributed.close(d)
+
+
 def main() -> None:
     mode, over, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
     rank = int(os.environ.get("RANK", "0"))
+    if mode == "tear":
+        tear(over)
+        return
     if mode == "own":
         res = own(over)
     else:

@@ -172,3 +172,49 @@ def test_an_unknown_parallel_value_is_refused():
     with pytest.raises(ConfigError, match=r"^train.parallel: unknown value 'zero3'; choose one "
                                           r"of ddp, fsdp"):
         validate(tiny_config(train__parallel="zero3"))
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A process group of one rank in this process: fsdp's whole path without torchrun."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+SMALL = dict(BASE, train__steps=6, train__eval_every=3, train__checkpoint_every=3)
+
+
+def test_one_rank_fsdp_trains_the_one_process_run_and_resumes(tmp_path, one_rank_group):
+    one = train.run(tiny_config(**{**SMALL, "train__checkpoint_every": 0}))
+    ckpt = tmp_path / "c.pt"
+    first = train.run(tiny_config(**SMALL, train__parallel="fsdp"), checkpoint=ckpt)
+    assert first["parallel"] == "fsdp" and first["resumed_step"] == 0
+    assert_close(losses(first["curve"]), losses(one["curve"]))
+    assert (tmp_path / "c.dcp" / ".metadata").is_file() and not ckpt.exists()
+    again = train.run(tiny_config(**SMALL, train__parallel="fsdp"), checkpoint=ckpt)
+    assert again["resumed_step"] == 3 and losses(again["curve"]) == losses(first["curve"])
+
+
+def test_fsdp_does_not_silently_restart_a_checkpoint_it_cannot_read(tmp_path, one_rank_group):
+    ckpt = tmp_path / "c.pt"
+    train.run(tiny_config(**SMALL), checkpoint=ckpt)  # a one-process (ddp) checkpoint
+    assert ckpt.exists()
+    with pytest.raises(ConfigError, match=r"^train.parallel: .*c.pt is a checkpoint of a run "
+                                          r"that was not sharded"):
+        train.run(tiny_config(**SMALL, train__parallel="fsdp"), checkpoint=ckpt)
+
+
+def test_auto_layout_is_masked_under_fsdp_and_says_so(one_rank_group, capsys):
+    m = train.run(tiny_config(model__density=0.25, model__sparse_impl="auto",
+                              train__parallel="fsdp", train__steps=1, train__eval_every=1))
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "sparse_impl=auto" in ln]
+    assert notes == ["spartune: note: model.sparse_impl=auto is masked under "
+                     "train.parallel=fsdp (fully_shard shards dense weights; compressed layers "
+                     "are not sharded)"]
+    assert {r["impl"] for r in m["hidden_layers"]} == {"masked"}

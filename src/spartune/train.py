@@ -357,6 +357,11 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
         and (fsdp or not (ckpt is not None and ckpt.exists())), d)
     resume = distributed.broadcast_object(ckpt is not None and ckpt.exists(), d) or from_dcp
     fingerprint = config_fingerprint(cfg)
+    if fsdp and resume and not from_dcp:
+        raise ConfigError("train.parallel", f"{ckpt} is a checkpoint of a run that was not "
+                          "sharded, and an fsdp run resumes only from its DCP folder "
+                          f"({dcp_dir.name}); resume it with train.parallel=ddp, or move it away "
+                          "to start this run from step 0")
     state = None
     if from_dcp:
         state = {"dcp": True, **sharding.load(dcp_dir, model, opt)}
