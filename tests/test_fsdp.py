@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import fsdp_run
 from conftest import ROOT, tiny_config
 from spartune import train
 from spartune.config import ConfigError, validate
@@ -113,9 +114,6 @@ def test_fsdp_trains_the_ddp_and_one_process_run_and_resumes_its_dcp_checkpoint(
 def test_a_users_model_parameterized_then_sharded_trains_as_one_process(tmp_path):
     """examples/own_model: parameterize, then fully_shard (model.shard), then the optimizer
     from the re-bound handle: the losses, LRs per name and masked zeros of one process."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    import fsdp_run
-
     one = fsdp_run.own({})
     torchrun("own", {}, tmp_path)
     r0, r1 = ranks(tmp_path)
@@ -193,11 +191,14 @@ SMALL = dict(BASE, train__steps=6, train__eval_every=3, train__checkpoint_every=
 def test_one_rank_fsdp_trains_the_one_process_run_and_resumes(tmp_path, one_rank_group):
     one = train.run(tiny_config(**{**SMALL, "train__checkpoint_every": 0}))
     ckpt = tmp_path / "c.pt"
-    first = train.run(tiny_config(**SMALL, train__parallel="fsdp"), checkpoint=ckpt)
+    fsdp = dict(SMALL, train__parallel="fsdp", train__micro_batch_size=2)  # 4 reduce-scatters
+    first, s = train.run_and_keep(tiny_config(**fsdp), checkpoint=ckpt)
     assert first["parallel"] == "fsdp" and first["resumed_step"] == 0
+    assert first["grad_accum_steps"] == 4
+    assert fsdp_run.masked_zero(s.model, s.optimizer) == (True, 8)  # on the DTensor shards
     assert_close(losses(first["curve"]), losses(one["curve"]))
     assert (tmp_path / "c.dcp" / ".metadata").is_file() and not ckpt.exists()
-    again = train.run(tiny_config(**SMALL, train__parallel="fsdp"), checkpoint=ckpt)
+    again = train.run(tiny_config(**fsdp), checkpoint=ckpt)
     assert again["resumed_step"] == 3 and losses(again["curve"]) == losses(first["curve"])
 
 
