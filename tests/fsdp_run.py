@@ -83,6 +83,9 @@ def own(over: dict) -> dict:
     counts = [sm.n_params(), sm.n_nonzero_params()]
     if ws > 1:
         example.shard(net)
+        counts += [sm.n_params(), sm.n_nonzero_params()]  # on DTensor masks: every rank calls
+    else:
+        counts += counts
     opt = torch.optim.AdamW(sm.param_groups(lr=0.01, weight_decay=0.1), betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(3)
     losses = []
