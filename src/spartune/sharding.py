@@ -65,18 +65,26 @@ def mp_policy(precision: str) -> Any:
 
 
 def shard(model: nn.Module, *, blocks: Iterable[nn.Module], precision: str = "fp32",
-          reshard_after_forward: bool = True, mesh: Any = None) -> nn.Module:
+          reshard_after_forward: bool = True, device: str | torch.device | None = None,
+          mesh: Any = None) -> nn.Module:
     """fully_shard every block, then the model (its embeddings, final norm and readout), in
     place; shard the masks beside their weights and re-bind the parameterization's handle.
 
     The root keeps its gathered weights after forward (backward needs them first);
     `reshard_after_forward` applies to the blocks. Needs an initialized process group
-    (torchrun); `mesh` defaults to all its ranks. Returns the model (now an FSDPModule).
+    (torchrun); `mesh` defaults to all its ranks on `device`'s type (default: the model's
+    device). The model may sit on the CPU: each block moves to the mesh's device as it is
+    sharded, so no rank ever holds the whole model there. Returns the model (an FSDPModule).
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from spartune.parameterizer import parameterization
 
+    if mesh is None:
+        kind = torch.device(device if device is not None
+                            else next(model.parameters()).device).type
+        mesh = init_device_mesh(kind, (dist.get_world_size(),))
     mp = mp_policy(precision)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)

@@ -117,7 +117,9 @@ def setup(cfg: Config, *, corpus: Corpus | None = None, root: str | Path = ".") 
                   file=sys.stderr)
         m = replace(m, sparse_impl="masked")
     model = build_model(m, cfg.param, vocab_size=vocab, max_len=cfg.train.seq_len,
-                        seed=cfg.seed, mask_seed=cfg.mask_seed, device=device).to(device)
+                        seed=cfg.seed, mask_seed=cfg.mask_seed, device=device)
+    if cfg.train.parallel != "fsdp":  # fsdp moves each block's shards there as it shards
+        model = model.to(device)
     o = cfg.optim
     groups = model.param_groups(o.weight_decay, wd_independent=o.wd_independent_of_lr_mult)
     optimizer = make_adamw(groups, o, device)
@@ -325,10 +327,11 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
     distributed.check_same_masks(model, d)
     fsdp = t.parallel == "fsdp"
     counts = {"n_params": model.n_params(), "n_nonzero_params": model.n_nonzero_params()}
+    layers = None
     if fsdp:  # shard, then the optimizer on the shards: param groups re-bound by name
         layers = describe(model)  # what each layer is; its bytes are read from the shards
         sharding.shard(model, blocks=model.blocks, precision=t.precision,
-                       reshard_after_forward=t.fsdp_reshard_after_forward)
+                       reshard_after_forward=t.fsdp_reshard_after_forward, device=device)
         opt = make_adamw(model.param_groups(o.weight_decay,
                                             wd_independent=o.wd_independent_of_lr_mult),
                          o, device)
@@ -519,7 +522,7 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
         "alpha_input": cfg.param.alpha_input,
         "alpha_output": cfg.param.alpha_output,
         "loss_ceiling": ceiling,
-        **hidden_layer_metrics(cfg, model, opt, layers if fsdp else None),
+        **hidden_layer_metrics(cfg, model, opt, layers),
     }
     if out_dir is not None and d.is_main:
         write_outputs(Path(out_dir), metrics, curve)
