@@ -39,6 +39,7 @@ Compressed layers (values + CSR indices) are not sharded: config validation refu
 from __future__ import annotations
 
 import shutil
+import warnings
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
@@ -254,14 +255,16 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
 
     solo = not (dist.is_available() and dist.is_initialized())  # one process: say so to DCP
     if optimizer is None:
-        msd = model.state_dict()
-        sd: dict[str, Any] = {"model": msd}
-        dcp.load(sd, checkpoint_id=folder, no_dist=solo)
-        set_model_state_dict(model, sd["model"])
+        sd: dict[str, Any] = {"model": model.state_dict()}
     else:
         msd, osd = get_state_dict(model, optimizer)
         sd = {"model": msd, "optimizer": osd}
+    with warnings.catch_warnings():  # DCP warns that one process is what we asked for
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(sd, checkpoint_id=folder, no_dist=solo)
+    if optimizer is None:
+        set_model_state_dict(model, sd["model"])
+    else:
         set_state_dict(model, optimizer, model_state_dict=sd["model"],
                        optim_state_dict=sd["optimizer"])
     return torch.load(folder / _EXTRA, weights_only=False)
