@@ -6,6 +6,8 @@
 #      matmul peak measured here: fp32 (TF32 off, as `train.run` leaves it) and bf16.
 #   2. a 4-worker proxy sweep on the GPU (workers pinned round robin over the visible GPUs:
 #      all four share GPU 0 on a one-GPU machine), with its summary lines.
+#   3. an FSDP run (train.parallel=fsdp, NCCL, one rank per visible GPU, bf16 mixed precision
+#      policy) beside the same run under ddp: final losses, tokens/s and each rank's bytes.
 # Run from a checkout: bash benchmarks/gpu_check.sh   (PYTHON=... to pick the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,3 +72,22 @@ timeout 150 "$SWEEP" -cn proxy \
   results_dir="$TMP/results" study.name=gpu_check study.workers=4 study.n_trials=8 \
   train.steps=200 train.device=cuda train.progress=false 2>&1 | grep -v "^wrote " | tail -8
 echo "# sweep wall time: $(( $(date +%s) - start )) s"
+
+echo "# fsdp vs ddp under torchrun (NCCL), one rank per visible GPU, width 1024, bf16"
+NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+TRAIN=$(command -v spartune-train || echo "$(dirname "$(command -v "$PY")")/spartune-train")
+for par in ddp fsdp; do
+  timeout 150 $PY -m torch.distributed.run --standalone --nproc_per_node="$NGPU" --no-python \
+    "$TRAIN" train.parallel=$par train.device=cuda train.precision=bf16 model.width=1024 \
+    model.head_size=64 model.depth=4 model.density=0.0625 model.sparse_impl=masked \
+    train.steps=40 train.batch_size=16 train.seq_len=512 train.eval_every=40 \
+    train.eval_batches=1 train.progress=false results_dir="$TMP/results" name=gpu_$par \
+    hydra.run.dir="$TMP/results/gpu_$par" > "$TMP/$par.log" 2>&1 || { tail -20 "$TMP/$par.log"; exit 1; }
+  $PY - "$TMP/results/gpu_$par/metrics.json" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+print(f"| {m['parallel']} | ranks {m['world_size']} | final val loss {m['final_val_loss']:.4f} "
+      f"| tok/s {m['tokens_per_second']:,.0f} | rank 0 params+masks "
+      f"{m['rank_param_bytes'] / 2**20:.1f} MiB | AdamW {m['rank_optimizer_bytes'] / 2**20:.1f} MiB |")
+PY
+done

@@ -77,7 +77,7 @@ def journal(tmp_path: Path) -> Path:
     s.add_trial(create_trial(  # 0: complete, a 2-process bf16 compiled run in micro-batches
         params={"log2_lr": -6.0}, distributions=LOG2_LR, value=3.7,
         user_attrs={**_attrs("supar", 128, 0.25, 0, 2.0**-6), **_finished(3.7, curve),
-                    "world_size": 2, "precision": "bf16", "compile": True,
+                    "world_size": 2, "parallel": "fsdp", "precision": "bf16", "compile": True,
                     "micro_batch_size": 4}))
     s.add_trial(create_trial(  # 1: diverged, reported with the penalty value
         params={"log2_lr": -2.0}, distributions=LOG2_LR, value=PENALTY,
@@ -153,9 +153,11 @@ def test_tables_round_trip(journal: Path, tmp_path: Path) -> None:
     run = trials2.set_index(["cell", "number"])
     ddp = run.loc[("supar/w128/d0.25/s0", 0)]
     assert (ddp["world_size"], ddp["precision"], ddp["micro_batch_size"]) == (2, "bf16", 4)
+    assert ddp["parallel"] == "fsdp"
     assert ddp["compile"] is True or ddp["compile"] == True  # noqa: E712 (pandas' boolean)
     unknown = run.loc[("sp/w64/d1/s1", 0)]
     assert pd.isna(unknown["compile"]) and pd.isna(unknown["world_size"])
+    assert pd.isna(unknown["parallel"])
 
 
 def test_load_trials_from_an_rdb_url(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ def test_trials_record_cell_hps_and_results(tmp_path):
     # how it was trained: one process, fp32, eager, the whole batch at once
     assert (row["world_size"], row["precision"], row["micro_batch_size"]) == \
         (1, "fp32", cfg.train.batch_size)
+    assert row["parallel"] == "ddp"  # train.parallel's default: replicas (one, here)
     assert row["compile"] == False  # noqa: E712 (pandas' nullable boolean)
 
 

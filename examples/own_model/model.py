@@ -116,3 +116,17 @@ def build(width: int, *, base_width: int, param: str = "supar", density: float =
     for block in model.transformer.h:  # this model applies its own scale (attention="none")
         block.attn.attn_scale = sm.attention_scale(c.head_dim)
     return model, sm
+
+
+def shard(model: GPT2LMHeadModel, *, precision: str = "fp32") -> GPT2LMHeadModel:
+    """FSDP2 over the ranks torchrun started, for a target too big for one device.
+
+    The order matters: `build` (parameterize: masks, init, multipliers) first, then `shard`
+    (fully_shard on every block, then on the model; masks sharded beside their weights, the
+    handle re-bound to the shards by name), then the optimizer from `sm.param_groups`, which
+    now hands it the shards with the same LR multipliers. The forward-multiplier hooks and
+    `attn_scale` live on modules, which sharding keeps.
+    """
+    from spartune import sharding
+
+    return sharding.shard(model, blocks=model.transformer.h, precision=precision)

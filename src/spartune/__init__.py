@@ -3,7 +3,8 @@
 The library face, for a model of your own:
 
     sm = spartune.parameterize(model, base=base_model, param="supar", density=1/16)
-    opt = torch.optim.AdamW(sm.param_groups(lr=1e-2, weight_decay=0.1))
+    spartune.shard(model, blocks=model.blocks)  # only under torchrun: FSDP2 shards
+    opt = torch.optim.AdamW(sm.param_groups(lr=1e-2, weight_decay=0.1))  # after shard
     spartune.coord_check(make_model, widths=[64, 128, 256], densities=[1.0, 0.25])
 
 The module behind `parameterize` is `spartune.parameterizer` (a submodule named like the
@@ -33,11 +34,12 @@ _LAZY = {
     "attention_scale": "spartune.params",
     "layer_scale": "spartune.params",
     "ConfigError": "spartune.config",
+    "shard": "spartune.sharding",
 }
 
 __all__ = [
     "ConfigError", "CoordResult", "Parameterization", "__version__", "attention_scale",
-    "coord_check", "layer_scale", "parameterization", "parameterize",
+    "coord_check", "layer_scale", "parameterization", "parameterize", "shard",
 ]
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from spartune.coord import CoordResult, coord_check
     from spartune.parameterizer import Parameterization, parameterization, parameterize
     from spartune.params import attention_scale, layer_scale
+    from spartune.sharding import shard
 
 
 def __getattr__(name: str) -> Any:

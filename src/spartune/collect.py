@@ -29,7 +29,7 @@ JOURNAL_NAME = "optuna.journal"
 # survives the round trip unchanged. Integers are nullable: a failed trial may lack them.
 _INT_COLUMNS = {"number", "width", "base_width", "depth", "seed", "steps", "n_params",
                 "n_nonzero_params", "step", "world_size", "micro_batch_size"}
-_STR_COLUMNS = {"study", "cell", "state", "role", "param", "precision"}
+_STR_COLUMNS = {"study", "cell", "state", "role", "param", "precision", "parallel"}
 _BOOL_COLUMNS = {"diverged"}
 _NULLABLE_BOOL_COLUMNS = {"compile"}  # unknown (a user's objective did not say) stays empty
 

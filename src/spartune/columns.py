@@ -32,8 +32,8 @@ TRIAL_COLUMNS = [
     "alpha_input", "log2_alpha_input", "alpha_output", "log2_alpha_output",
     "final_train_loss", "final_val_loss", "best_val_loss", "value", "diverged", "steps",
     "tokens_per_second", "n_params", "n_nonzero_params", "duration_s",
-    # how the run was trained: processes, autocast dtype, torch.compile, the micro-batch
-    "world_size", "precision", "compile", "micro_batch_size",
+    # how the run was trained: processes, ddp | fsdp, autocast dtype, torch.compile, micro-batch
+    "world_size", "parallel", "precision", "compile", "micro_batch_size",
 ]
 
 # One row per trial x evaluation step: results/<study>/curves.csv.

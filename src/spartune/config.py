@@ -20,6 +20,9 @@ MASK_KINDS = ("per_row", "exact", "bernoulli")
 DEVICES = ("auto", "cpu", "cuda")
 SPARSE_IMPLS = ("masked", "compressed", "auto")  # layouts.py
 PRECISIONS = ("fp32", "bf16", "fp16")
+# How a multi-process run splits the work (distributed.py): ddp replicates the model on every
+# rank; fsdp shards parameters, gradients and AdamW state over the ranks (sharding.py).
+PARALLEL = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -140,6 +143,14 @@ class TrainConfig:
     # batch. `batch_size` stays the global batch (what HP transfer depends on): smaller
     # micro-batches only trade memory for gradient-accumulation steps, same math.
     micro_batch_size: int | None = None
+    # Under torchrun: ddp (a replica per rank, gradients all-reduced) | fsdp (FSDP2's
+    # fully_shard per block and on the model: each rank holds 1/N of every weight, gradient and
+    # AdamW moment). Same math, same losses; fsdp is what a target too big for one device needs.
+    parallel: str = "ddp"
+    # fsdp: free each block's gathered weights after its forward (gathered again in backward):
+    # less memory, one more all-gather per block and step. The root's stay (backward needs them
+    # first). No effect under ddp.
+    fsdp_reshard_after_forward: bool = True
 
 
 @dataclass
@@ -384,6 +395,15 @@ def validate(cfg: Config) -> None:
     _check(t.precision in PRECISIONS, "train.precision",
            f"unknown precision {t.precision!r}; choose one of {', '.join(PRECISIONS)}")
     _check(isinstance(t.compile, bool), "train.compile", "must be true or false")
+    _check(t.parallel in PARALLEL, "train.parallel",
+           f"unknown value {t.parallel!r}; choose one of {', '.join(PARALLEL)}")
+    _check(isinstance(t.fsdp_reshard_after_forward, bool), "train.fsdp_reshard_after_forward",
+           "must be true or false")
+    if t.parallel == "fsdp":
+        _check(cfg.model.sparse_impl != "compressed", "model.sparse_impl",
+               "compressed layers cannot be sharded by train.parallel=fsdp (fully_shard splits "
+               "dense parameters; a compressed layer's CSR indices are whole-layer buffers); "
+               "use model.sparse_impl=masked (or auto, which is masked under fsdp)")
     if t.micro_batch_size is not None:
         _positive(t.micro_batch_size, "train.micro_batch_size",
                   " (rows per forward pass; null: the whole batch)")

@@ -51,7 +51,7 @@ METRIC_KEYS = ("final_train_loss", "final_val_loss", "best_val_loss", "diverged"
                "tokens_per_second", "n_params", "n_nonzero_params", "train_seconds",
                # how the run was trained (train.run records them; a user's objective may not):
                # a trial of study.nproc_per_trial=2 says world_size 2, so its tokens/s reads right
-               "world_size", "precision", "compile", "micro_batch_size")
+               "world_size", "parallel", "precision", "compile", "micro_batch_size")
 
 
 class TrialFailed(Exception):

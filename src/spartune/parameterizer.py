@@ -159,6 +159,19 @@ class Parameterization:
             if r.name == name:
                 r.layout = layout
 
+    def rebind(self, model: nn.Module) -> None:
+        """Re-read every parameter from `model` by its name, after something replaced the
+        parameter objects: FSDP2's `fully_shard` swaps each for a DTensor shard, so groups
+        built from the old objects would train tensors the model no longer uses. Roles, LR
+        and forward multipliers are per name (the rows), so they carry over unchanged.
+        `spartune.sharding.shard` calls this; a name the model does not have as a parameter
+        (a compressed layer's `values`, registered by `relayout`) keeps its binding."""
+        for name in self._params:
+            try:
+                self._params[name] = model.get_parameter(name)
+            except AttributeError:
+                pass
+
     # -- what it did ---------------------------------------------------------------------------
 
     def table(self) -> pd.DataFrame:

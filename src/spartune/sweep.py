@@ -498,6 +498,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, cell: Cell)
 def _drop(path: Path | None) -> None:
     if path is not None:
         path.unlink(missing_ok=True)
+        # a train.parallel=fsdp trial's checkpoint is a DCP folder beside it (sharding.SUFFIX)
+        import shutil
+
+        shutil.rmtree(path.with_suffix(".dcp"), ignore_errors=True)
 
 
 # -- a worker -----------------------------------------------------------------------------------

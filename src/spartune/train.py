@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from spartune import atomic, distributed
+from spartune import atomic, distributed, sharding
 from spartune.config import Config, ConfigError, OptimConfig, validate
 from spartune.data import Corpus, load_corpus
 from spartune.distributed import Dist
@@ -109,8 +109,17 @@ def setup(cfg: Config, *, corpus: Corpus | None = None, root: str | Path = ".") 
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the data "
                           f"set's vocabulary ({corpus.vocab_size}); leave it unset")
     vocab = cfg.model.vocab_size or corpus.vocab_size
-    model = build_model(cfg.model, cfg.param, vocab_size=vocab, max_len=cfg.train.seq_len,
-                        seed=cfg.seed, mask_seed=cfg.mask_seed, device=device).to(device)
+    m = cfg.model
+    if cfg.train.parallel == "fsdp" and m.sparse_impl == "auto":
+        if distributed.env_rank() == 0:
+            print("spartune: note: model.sparse_impl=auto is masked under train.parallel=fsdp "
+                  "(fully_shard shards dense weights; compressed layers are not sharded)",
+                  file=sys.stderr)
+        m = replace(m, sparse_impl="masked")
+    model = build_model(m, cfg.param, vocab_size=vocab, max_len=cfg.train.seq_len,
+                        seed=cfg.seed, mask_seed=cfg.mask_seed, device=device)
+    if cfg.train.parallel != "fsdp":  # fsdp moves each block's shards there as it shards
+        model = model.to(device)
     o = cfg.optim
     groups = model.param_groups(o.weight_decay, wd_independent=o.wd_independent_of_lr_mult)
     optimizer = make_adamw(groups, o, device)
@@ -157,6 +166,7 @@ def evaluate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]],
         with autocast(device, precision):
             _, loss = model(xs.to(device), ys.to(device))
         parts.append(loss.float() * (xs.shape[0] / x.shape[0]))
+    sharding.reshard(model)  # fsdp: the root's gathered weights go back to shards
     per_batch = distributed.all_sum(torch.stack(parts), d)
     # summed in double, batch by batch, as one process always has: same number, same bits
     return sum(float(v) for v in per_batch.tolist()) / len(batches)
@@ -290,7 +300,13 @@ def run_and_keep(cfg: Config, report: Report | None = None, out_dir: str | Path 
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     validate(cfg)
-    d = distributed.init(resolve_device(cfg.train.device))
+    fsdp = cfg.train.parallel == "fsdp"
+    if fsdp and not distributed.under_torchrun():
+        raise ConfigError("train.parallel", "fsdp shards the model over the processes torchrun "
+                          "starts; launch with `torchrun --nproc_per_node=N --no-python "
+                          "spartune-train ...` (or study.nproc_per_trial=N), or use "
+                          "train.parallel=ddp for one process")
+    d = distributed.init(resolve_device(cfg.train.device), group=fsdp)
     try:
         return _run(cfg, report, out_dir, corpus, checkpoint, d)
     finally:
@@ -309,7 +325,20 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
     val = s.corpus.val_batches(t.eval_batches, t.batch_size, t.seq_len, cfg.data.val_seed)
     model, opt, device = s.model, s.optimizer, s.device
     distributed.check_same_masks(model, d)
-    ddp = distributed.wrap(model, device, d)
+    fsdp = t.parallel == "fsdp"
+    counts = {"n_params": model.n_params(), "n_nonzero_params": model.n_nonzero_params()}
+    layers = None
+    if fsdp:  # shard, then the optimizer on the shards: param groups re-bound by name
+        layers = describe(model)  # what each layer is; its bytes are read from the shards
+        sharding.shard(model, blocks=model.blocks, precision=t.precision,
+                       reshard_after_forward=t.fsdp_reshard_after_forward, device=device)
+        opt = make_adamw(model.param_groups(o.weight_decay,
+                                            wd_independent=o.wd_independent_of_lr_mult),
+                         o, device)
+        s = replace(s, optimizer=opt)
+        ddp = model
+    else:
+        ddp = distributed.wrap(model, device, d)
     net = compile_model(ddp) if t.compile else ddp
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
 
@@ -323,15 +352,31 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
     if t.checkpoint_every > 0 and (checkpoint is not None or out_dir is not None):
         ckpt = Path(checkpoint) if checkpoint is not None else Path(out_dir) / "checkpoint.pt"
     ckpt = distributed.broadcast_object(ckpt, d)  # rank 0's run folder is the run's
-    resume = distributed.broadcast_object(ckpt is not None and ckpt.exists(), d)
+    # A sharded run's checkpoint is a DCP folder beside where the one file would be; a run of
+    # one process (or ddp) resumes from such a folder when it has no file of its own.
+    dcp_dir = sharding.checkpoint_dir(ckpt) if ckpt is not None else None
+    from_dcp = distributed.broadcast_object(
+        dcp_dir is not None and sharding.exists(dcp_dir)
+        and (fsdp or not (ckpt is not None and ckpt.exists())), d)
+    resume = distributed.broadcast_object(ckpt is not None and ckpt.exists(), d) or from_dcp
     fingerprint = config_fingerprint(cfg)
-    state = load_checkpoint(ckpt, device) if resume and ckpt is not None else None
+    if fsdp and resume and not from_dcp:
+        raise ConfigError("train.parallel", f"{ckpt} is a checkpoint of a run that was not "
+                          "sharded, and an fsdp run resumes only from its DCP folder "
+                          f"({dcp_dir.name}); resume it with train.parallel=ddp, or move it away "
+                          "to start this run from step 0")
+    state = None
+    if from_dcp:
+        state = {"dcp": True, **sharding.load(dcp_dir, model, opt)}
+    elif resume and ckpt is not None and not fsdp:
+        state = load_checkpoint(ckpt, device)
     if state is not None:
         if state.get("fingerprint") != fingerprint:
             raise ConfigError("train.checkpoint_every", f"{ckpt} was written by a different "
                               "configuration; move it away or use another run folder")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if not state.get("dcp"):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         data_gen.set_state(state["data_gen"])
         curve, window = state["curve"], state["window"]
         start = step = state["step"]
@@ -340,7 +385,7 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
         skipped = state.get("skipped_steps", 0)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        log.info("resumed from %s at step %d", ckpt, start)
+        log.info("resumed from %s at step %d", dcp_dir if from_dcp else ckpt, start)
     bar = _progress(t.steps, t.progress and d.is_main)
     if bar is not None and start:
         bar.update(start)
@@ -353,7 +398,10 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
             xs = x[i * micro:(i + 1) * micro].to(device, non_blocking=True)
             ys = y[i * micro:(i + 1) * micro].to(device, non_blocking=True)
             last = i == n_micro - 1
-            sync = ddp.no_sync() if d.active and not last else contextlib.nullcontext()
+            # ddp all-reduces once, in the last micro-batch; fsdp reduce-scatters each one
+            # into the fp32 sharded gradient (no full-size gradient kept between them)
+            sync = (ddp.no_sync() if d.active and not last and not fsdp
+                    else contextlib.nullcontext())
             with sync:
                 with autocast(device, t.precision):
                     _, loss = net(xs, ys)
@@ -422,15 +470,17 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
                     break
                 if report is not None:
                     report(step, val_loss)
-            if (ckpt is not None and d.is_main and step % t.checkpoint_every == 0
-                    and step < t.steps):
-                save_checkpoint(ckpt, {
-                    "fingerprint": fingerprint, "step": step, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "data_gen": data_gen.get_state(),
-                    "curve": curve, "window": window, "train_seconds": train_seconds,
-                    "init_loss": init_loss, "skipped_steps": skipped,
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                })
+            if ckpt is not None and step % t.checkpoint_every == 0 and step < t.steps:
+                extra = {"fingerprint": fingerprint, "step": step,
+                         "data_gen": data_gen.get_state(), "curve": curve, "window": window,
+                         "train_seconds": train_seconds, "init_loss": init_loss,
+                         "skipped_steps": skipped,
+                         "scaler": scaler.state_dict() if scaler is not None else None}
+                if fsdp:  # every rank writes its shards
+                    sharding.save(dcp_dir, model, opt, extra, is_main=d.is_main)
+                elif d.is_main:
+                    save_checkpoint(ckpt, {**extra, "model": model.state_dict(),
+                                           "optimizer": opt.state_dict()})
     finally:
         if bar is not None:
             bar.close()
@@ -448,10 +498,12 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
         "tokens_per_second": step * t.batch_size * t.seq_len / max(train_seconds, 1e-9),
         "train_seconds": train_seconds,
         "first_step_seconds": first_step_seconds,  # includes torch.compile's compile time
-        "n_params": model.n_params(),
-        "n_nonzero_params": model.n_nonzero_params(),
+        **counts,
         "device": str(device),
         "world_size": d.world_size,
+        "parallel": t.parallel,
+        "resumed_step": start,  # 0: trained from scratch; else the checkpoint's step
+        **sharding.rank_bytes(model, opt),  # this rank's: 1/N of ddp's under fsdp
         "precision": t.precision,
         "compile": t.compile,
         "micro_batch_size": micro,
@@ -470,7 +522,7 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
         "alpha_input": cfg.param.alpha_input,
         "alpha_output": cfg.param.alpha_output,
         "loss_ceiling": ceiling,
-        **hidden_layer_metrics(cfg, model, opt),
+        **hidden_layer_metrics(cfg, model, opt, layers),
     }
     if out_dir is not None and d.is_main:
         write_outputs(Path(out_dir), metrics, curve)
@@ -478,9 +530,17 @@ def _run(cfg: Config, report: Report | None, out_dir: str | Path | None,
     return metrics, s
 
 
-def hidden_layer_metrics(cfg: Config, model: GPT, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Which layout each hidden layer got (model.sparse_impl) and what it holds in memory."""
-    layers = describe(model, opt)
+def hidden_layer_metrics(cfg: Config, model: GPT, opt: torch.optim.Optimizer,
+                         layers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Which layout each hidden layer got (model.sparse_impl) and what it holds in memory.
+
+    Under fsdp, `layers` is `describe` of the model before sharding (layout, shape, non-zeros)
+    and the bytes are this rank's shards'."""
+    if layers is None:
+        layers = describe(model, opt)
+    else:
+        layers = [{**r, **sharding.layer_rank_bytes(model.get_submodule(r["name"]), opt)}
+                  for r in layers]
     return {
         "sparse_impl": cfg.model.sparse_impl,
         "hidden_layers": layers,
