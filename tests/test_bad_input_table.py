@@ -34,6 +34,7 @@ ENTRIES = {"spartune-train": cli.train_main, "spartune-sweep": cli.sweep_main,
            "spartune-transfer": cli.transfer_main, "spartune-plot": cli.plot_main,
            "spartune-coord": cli.coord_main, "spartune-pipeline": cli.pipeline_main}
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\]\[[\w.]+\]\[(INFO|DEBUG)\] - ")
+TRIAL_FAILED = re.compile(r"^spartune: trial \S+ failed: ")  # progress while a study runs
 
 
 @dataclass
@@ -110,6 +111,37 @@ def _empty_home(work: Path, mp: pytest.MonkeyPatch) -> None:
 
 def _failing_command(work: Path, _: pytest.MonkeyPatch) -> None:
     (work / "t.py").write_text("import sys\nprint('it broke', file=sys.stderr)\nsys.exit(3)\n")
+
+
+def _no_args_objective(work: Path, mp: pytest.MonkeyPatch) -> None:
+    (work / "mypkg.py").write_text("def f():\n    return {'final_val_loss': 1.0}\n")
+    mp.syspath_prepend(str(work))
+    mp.delitem(sys.modules, "mypkg", raising=False)
+
+
+TOY = ["-cn", "proxy", *SWEEP, "study.n_trials=1", "study.pruner=none"]
+
+
+def _in_process(command: str, args: list[str], mp: pytest.MonkeyPatch) -> int:
+    """Run one command as `_run` does (a setup step: the study a row's input then meets)."""
+    mp.setattr(sys, "argv", [str(Path(sys.executable).with_name(command)), *args])
+    try:
+        ENTRIES[command]()
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+
+
+def _study_of_20_steps(work: Path, mp: pytest.MonkeyPatch) -> None:
+    code = _in_process("spartune-sweep", [*TOY, "study.name=fp", "train.steps=20",
+                                          "study.objective._target_=toy_objectives.quick"], mp)
+    assert code == 0
+
+
+def _study_of_failures(work: Path, mp: pytest.MonkeyPatch) -> None:
+    code = _in_process("spartune-sweep", [*TOY, "study.name=allfail",
+                                          "study.objective._target_=toy_objectives.raising"], mp)
+    assert code == 4  # the failure budget: 3 FAIL trials, no COMPLETE one
 
 
 # -- library calls ---------------------------------------------------------------------------
@@ -246,12 +278,34 @@ CASES: dict[str, list[Run | Call]] = {
     "`study.objective._target_=nopkg.run` (written so, no `+`)": [
         Run("spartune-sweep", ["-cn", "proxy", *SWEEP, "study.objective._target_=nopkg.run"],
             "study.objective._target_")],
-    # not a refusal: the trial fails with the command's last stderr line, the study goes on
-    # (a failed trial does not count toward n_trials: study.timeout bounds the retries)
+    # the trials fail with the command's last stderr line until the failure budget is spent:
+    # then one line naming the cell and the last error, exit 4
     "a command that exits non-zero": [
-        Run("spartune-sweep", ["-cn", "proxy", *SWEEP, "study.n_trials=1", "study.pruner=none",
-                               "study.timeout=1", "study.command='{python} t.py'"], "",
-            code=0, setup=_failing_command)],
+        Run("spartune-sweep", [*TOY, "study.command='{python} t.py'"], "study.command", code=4,
+            setup=_failing_command)],
+    "`study.command='no_such_binary {lr}'`": [
+        Run("spartune-sweep", [*TOY, "study.command='no_such_binary {lr}'"], "study.command")],
+    "`study.objective._target_=mypkg.f` where `f` takes no `(cfg, report)`": [
+        Run("spartune-sweep", [*TOY, "study.objective._target_=mypkg.f"],
+            "study.objective._target_", setup=_no_args_objective)],
+    "a rerun with a changed result field (`train.steps=40`, `data=...`)": [
+        Run("spartune-sweep", [*TOY, "study.name=fp", "train.steps=40",
+                               "study.objective._target_=toy_objectives.quick"], "train.steps",
+            setup=_study_of_20_steps)],
+    "`spartune-transfer -cn proxy` (`study.name` = `transfer.source`)": [
+        Run("spartune-transfer", ["-cn", "proxy", *SWEEP], "study.name")],
+    "`spartune-plot` on a study without a completed trial": [
+        Run("spartune-plot", ["study.name=allfail"], "study.name", setup=_study_of_failures)],
+    "`study.retries=-1` / `study.max_failures=0`": [
+        Run("spartune-sweep", [*TOY, "study.retries=-1"], "study.retries"),
+        Run("spartune-sweep", [*TOY, "study.max_failures=0"], "study.max_failures")],
+    "`train.parallel=fsdp` without torchrun": [
+        Run("spartune-train", [*SMOKE, "train.parallel=fsdp"], "train.parallel")],
+    "`train.parallel=fsdp model.sparse_impl=compressed`": [
+        Run("spartune-train", [*SMOKE, "train.parallel=fsdp", "model.density=0.25",
+                               "model.sparse_impl=compressed"], "model.sparse_impl")],
+    "`train.parallel=zero3`": [Run("spartune-train", [*SMOKE, "train.parallel=zero3"],
+                                   "train.parallel")],
     "`parameterize(model, base=<same width>)`": [
         Call(lambda _: _parameterize(_Net(32), _Net(32)), "base")],
     "a weight with no width-like dim": [Call(lambda _: _parameterize(_Odd(32), _Odd(16)),
@@ -386,11 +440,13 @@ def test_each_row_ends_as_the_table_says(row, workdir, monkeypatch, capsys):
         shown = f"{case.command} {' '.join(case.args)}\nstdout: {out[-1500:]}\nstderr: {err}"
         assert code == case.code, shown
         assert "Traceback" not in out + err, shown
-        if case.code == 0:  # the failing command: its trial FAIL with the command's last line
+        if case.code == 4:  # the failing command: its trials FAIL with the command's last line
             _assert_trial_failed_with_its_last_line(workdir)
-            continue
         # one line: Hydra's INFO log lines (the sweep's start line) are progress, not errors
         lines = [ln for ln in err.splitlines() if ln.strip() and not LOG_LINE.match(ln)]
+        if case.code == 4:  # each failed trial said so as it ended; the error line comes last
+            assert all(TRIAL_FAILED.match(ln) for ln in lines[:-1]), shown
+            lines = lines[-1:]
         assert len(lines) == 1, shown
         assert lines[0].startswith(f"spartune: error: {case.field}: "), shown
         assert "To append to your config" not in err  # never Hydra's advice to add a key
@@ -405,7 +461,7 @@ def _assert_trial_failed_with_its_last_line(work: Path) -> None:
     from spartune import collect
 
     trials = pd.read_csv(work / "results" / "proxy" / "trials.csv")
-    assert len(trials) >= 1 and set(trials["state"]) == {"FAIL"}
+    assert 1 <= len(trials) <= 3 and set(trials["state"]) == {"FAIL"}  # study.max_failures
     storage = collect.storage_for(work / "results" / "proxy")
     [summary] = optuna.get_all_study_summaries(storage)
     for trial in optuna.load_study(study_name=summary.study_name, storage=storage).trials:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import fsdp_run
-from conftest import ROOT, cli, tiny_config
+from conftest import ROOT, tiny_config
 from spartune import train
 from spartune.config import ConfigError, validate
 
@@ -165,25 +165,8 @@ def test_spartune_train_with_fsdp_exits_cleanly_ten_times_in_a_row(workdir):
 
 # -- bad input: one line each ------------------------------------------------------------------
 
-CLI_BAD = [
-    (["train.parallel=fsdp"], "train.parallel: fsdp shards the model over the processes "
-                              "torchrun starts"),
-    (["train.parallel=fsdp", "model.density=0.25", "model.sparse_impl=compressed"],
-     "model.sparse_impl: compressed layers cannot be sharded by train.parallel=fsdp"),
-    (["train.parallel=zero3"], "train.parallel: unknown value 'zero3'; choose one of ddp, fsdp"),
-]
-
-
-@pytest.mark.parametrize("overrides,line", CLI_BAD, ids=[" ".join(b[0]) for b in CLI_BAD])
-def test_bad_parallel_input_is_one_line_from_the_command(workdir, overrides, line):
-    for var in ("RANK", "WORLD_SIZE"):
-        assert var not in os.environ  # this test is the no-torchrun case
-    r = cli("spartune-train", "data=synthetic", "train=smoke", "model.width=32",
-            "model.head_size=16", "train.device=cpu", "train.steps=2", *overrides, cwd=workdir)
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"spartune: error: {line}"), r.stderr
-    assert not list(workdir.rglob("metrics.json"))
+# The command-line forms (one line, exit 2, no run folder) are rows of the README's Bad input
+# table, run in-process by tests/test_bad_input_table.py; here the library's refusals.
 
 
 def test_fsdp_without_torchrun_is_refused(monkeypatch):
