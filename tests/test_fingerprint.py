@@ -129,7 +129,8 @@ def test_the_fingerprint_leaves_out_what_cannot_change_a_result():
     fp = fingerprint.of(cfg)
     for gone in ("model.width", "model.density", "param.name", "optim.lr", "study.workers",
                  "study.storage", "study.n_trials", "study.seeds", "train.device",
-                 "train.threads", "train.progress", "study.sampler_seed", "data.cache_dir"):
+                 "train.threads", "train.progress", "study.sampler_seed", "data.cache_dir",
+                 "train.parallel", "train.fsdp_reshard_after_forward"):
         assert gone not in fp, gone
     for kept in ("model.depth", "model.init_std", "data.name", "train.steps", "optim.beta2",
                  "param.alpha_output", "study.sampler", "study.pruner", "study.space.lr.low"):

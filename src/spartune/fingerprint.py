@@ -11,9 +11,9 @@ the changed fields, their old and new values, and the two fixes: a new study nam
 its user attr `changes`).
 
 Left out, because they cannot change a result: where and how fast a trial runs (workers,
-devices, threads, storage, the layout a sparse layer is stored in, compile, micro-batches),
-what is logged (logger, progress, checkpoints), how much is run (n_trials, max_points,
-timeout, the cell axes: a new seed, density or width is an extension), where a search walks
+devices, threads, storage, the layout a sparse layer is stored in, compile, micro-batches,
+ddp or fsdp: equal losses, tested), what is logged (logger, progress, checkpoints), how much
+is run (n_trials, max_points, timeout, the cell axes: a new seed, density or width is an extension), where a search walks
 (the sampler's seed, which a launcher's job N shifts; where the bracket walk starts and how it
 steps: each point's result is the same run wherever the walk began),
 and the fields a trial takes from its cell or from the search space (model.width, param.name,
@@ -40,7 +40,8 @@ GROUPS = ("model", "param", "data", "optim", "train", "study")
 IGNORED = frozenset({
     "model.width", "model.density", "model.sparse_impl", "param.name", "data.cache_dir",
     "train.device", "train.threads", "train.progress", "train.checkpoint_every",
-    "train.compile", "train.micro_batch_size",
+    "train.compile", "train.micro_batch_size", "train.parallel",
+    "train.fsdp_reshard_after_forward",
     "study.name", "study.params", "study.widths", "study.densities", "study.seeds",
     "study.n_trials", "study.timeout", "study.storage", "study.workers", "study.devices",
     "study.nproc_per_trial", "study.max_points", "study.centre", "study.centre_from",
