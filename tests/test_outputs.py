@@ -15,13 +15,14 @@ import logging
 import math
 import signal
 import sys
+import threading
 import time
 
 import pandas as pd
 import pytest
 
 from conftest import ROOT
-from spartune import bracket, cli, plot, progress, report, trust
+from spartune import bracket, cli, plot, progress, report, train, trust
 from spartune.columns import TRIAL_COLUMNS
 
 
@@ -58,6 +59,21 @@ def test_a_tpe_proxy_prints_its_winner_counts_its_workers_and_draws_loss_vs_each
         work, monkeypatch, capsys):
     monkeypatch.setenv("SPARTUNE_PROGRESS_SECONDS", "0.2")
     monkeypatch.setattr(progress, "_isatty", lambda stream: False)  # as under a batch job
+    # The first trial ends only once a progress line was printed, so a fast machine cannot
+    # finish both trials before the first tick (no wall-clock assumption in the test).
+    ticked, real_line, real_run = threading.Event(), progress.line, train.run
+
+    def line(*a, **k):
+        ticked.set()
+        return real_line(*a, **k)
+
+    def run(*a, **k):
+        metrics = real_run(*a, **k)
+        assert ticked.wait(30), "no progress line within 30 s of a 0.2 s period"
+        return metrics
+
+    monkeypatch.setattr(progress, "line", line)
+    monkeypatch.setattr(train, "run", run)
     args = ["-cn", "proxy", "data=synthetic", "train=smoke", "train.device=cpu",
             "study.widths=[32]", "model.base_width=32", "model.head_size=16",
             "study.n_trials=2", "study.pruner=none", "train.steps=4", "train.eval_every=2",

@@ -13,10 +13,10 @@ its user attr `changes`).
 Left out, because they cannot change a result: where and how fast a trial runs (workers,
 devices, threads, storage, the layout a sparse layer is stored in, compile, micro-batches,
 ddp or fsdp: equal losses, tested), what is logged (logger, progress, checkpoints), how much
-is run (n_trials, max_points, timeout, the cell axes: a new seed, density or width is an extension), where a search walks
-(the sampler's seed, which a launcher's job N shifts; where the bracket walk starts and how it
-steps: each point's result is the same run wherever the walk began),
-and the fields a trial takes from its cell or from the search space (model.width, param.name,
+is run (n_trials, max_points, timeout, the cell axes: a new seed, density or width is an
+extension), where a search walks (the sampler's seed, which a launcher's job N shifts; where
+the bracket walk starts and how it steps: each point's result is the same run wherever the
+walk began), and the fields a trial takes from its cell or from the search space (model.width, param.name,
 optim.lr when lr is searched, ...). The fingerprint is plain JSON, so it reads the same from a
 journal file and from a database.
 
