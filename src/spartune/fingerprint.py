@@ -16,9 +16,9 @@ ddp or fsdp: equal losses, tested), what is logged (logger, progress, checkpoint
 is run (n_trials, max_points, timeout, the cell axes: a new seed, density or width is an
 extension), where a search walks (the sampler's seed, which a launcher's job N shifts; where
 the bracket walk starts and how it steps: each point's result is the same run wherever the
-walk began), and the fields a trial takes from its cell or from the search space (model.width, param.name,
-optim.lr when lr is searched, ...). The fingerprint is plain JSON, so it reads the same from a
-journal file and from a database.
+walk began), and the fields a trial takes from its cell or from the search space (model.width,
+param.name, optim.lr when lr is searched, ...). The fingerprint is plain JSON, so it reads
+the same from a journal file and from a database.
 
 Torch-free; Optuna is imported only by the functions that read or write a storage.
 """
