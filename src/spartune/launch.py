@@ -250,7 +250,12 @@ def _rank_main(spec_path: str) -> int:
             tmp.write_text(json.dumps(result))
             os.replace(tmp, spec["result"])
     finally:
+        # gc, barrier, destroy (distributed.close): a rank that destroys its gloo group while
+        # its peer is still writing the result, or exits with the group alive, aborts in
+        # gloo's threads ("terminate called without an active exception")
         with contextlib.suppress(Exception):
+            distributed.close(d)
+        if dist.is_initialized():
             dist.destroy_process_group()
     return 2 if result["status"] == "config_error" else 0
 
