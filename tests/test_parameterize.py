@@ -260,7 +260,8 @@ def test_builtin_gpt_trains_as_the_code_before_parameterize(case):
     # AMD EPYC, and another x86 CPU (or ARM) runs other vectorised kernels and MKL code paths that
     # sum in another order. LOSS_RTOL is derived from that spread, measured on this fixture with
     # the current code by forcing each of ATen's CPU kernel paths (ATEN_CPU_CAPABILITY=default,
-    # avx2, avx512, and 2 threads): the worst relative difference from the recorded losses was
+    # avx2, avx512, and 2 threads; tests/data/gpt_losses_spread.py prints the table again on
+    # any machine): the worst relative difference from the recorded losses was
     # 3.1e-7 (scalar kernels; 0.9e-7 for avx2/avx512), and an Intel Xeon's reported difference is
     # two float32 ulps (~1e-7). A change of the training path is far larger: scaling the LR by
     # 1.0001 moves every case's losses by 1.1e-5 to 6.7e-5 relative, by 1.001 by 1.1e-4 to 6.9e-4.
