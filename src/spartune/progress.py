@@ -27,6 +27,7 @@ class Tally:
     done: int  # complete or pruned: what the budget counts (a failed trial is run again)
     failed: int
     ran_here: int  # finished since `since` by one of the given local processes
+    best: float = math.inf  # lowest value of a COMPLETE trial that did not diverge
 
 
 def tally(storage: Any, study: str, pids: Iterable[int] = (), since: float = 0.0) -> Tally:
@@ -37,6 +38,7 @@ def tally(storage: Any, study: str, pids: Iterable[int] = (), since: float = 0.0
     host = socket.gethostname()
     mine = tuple(f"{host}:{pid}:" for pid in pids)
     done = failed = ran = 0
+    best = math.inf
     for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
         if not s.study_name.startswith(f"{study}/"):
             continue
@@ -50,7 +52,9 @@ def tally(storage: Any, study: str, pids: Iterable[int] = (), since: float = 0.0
             owner = str(t.user_attrs.get("worker", ""))
             ended = t.datetime_complete.timestamp() if t.datetime_complete else 0.0
             ran += bool(mine) and owner.startswith(mine) and ended >= since
-    return Tally(done, failed, ran)
+            if t.state == TrialState.COMPLETE and not t.user_attrs.get("diverged"):
+                best = min(best, t.value if t.value is not None else math.inf)
+    return Tally(done, failed, ran, best)
 
 
 def _clock(seconds: float) -> str:

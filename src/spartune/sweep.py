@@ -891,21 +891,12 @@ def _worker_entry(cfg: Config, worker: int, since: datetime | None = None) -> No
 
 
 def count_done(cfg: Config, storage: Any) -> tuple[int, float]:
-    """(finished trials, best value) over all cells of the study."""
-    done, best = 0, math.inf
-    prefix = f"{cfg.study.name}/"
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        if not summary.study_name.startswith(prefix):
-            continue
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
-                                                          TrialState.PRUNED, TrialState.FAIL)):
-            if t.user_attrs.get("surplus"):
-                continue
-            done += 1
-            if t.state == TrialState.COMPLETE and not t.user_attrs.get("diverged"):
-                best = min(best, t.value if t.value is not None else math.inf)
-    return done, best
+    """(finished trials, FAIL included, and the best value) over all cells of the study: one
+    walk of the storage, progress.tally's."""
+    from spartune import progress
+
+    t = progress.tally(storage, cfg.study.name)
+    return t.done + t.failed, t.best
 
 
 def sweep(cfg: Config) -> dict[str, Any]:
@@ -924,7 +915,10 @@ def sweep(cfg: Config) -> dict[str, Any]:
     n_total = budget(cfg) * len(cells(cfg.study))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     fingerprint.check_storage(cfg, storage)  # a changed experiment stops here, nothing run
-    done0, _ = count_done(cfg, storage)
+    from spartune import progress as lines  # a line every 30 s when stdout is a log
+
+    start = lines.tally(storage, cfg.study.name)
+    done0 = start.done + start.failed  # the bar's and the log line's count, FAIL included
     log.info("study %s: %d cells x %d trials = %d; %d already finished; storage %s",
              cfg.study.name, len(cells(cfg.study)), budget(cfg), n_total, done0,
              storage_url(cfg))
@@ -949,9 +943,7 @@ def sweep(cfg: Config) -> dict[str, Any]:
 
     t0, started = time.monotonic(), since.timestamp()
     pids = [os.getpid(), *(p.pid for p in procs)]
-    from spartune import progress as lines  # a line every 30 s when stdout is a log
-
-    ticker = lines.Ticker(cfg.study.name, n_total, lines.tally(storage, cfg.study.name).done,
+    ticker = lines.Ticker(cfg.study.name, n_total, start.done,
                           lambda: lines.tally(storage, cfg.study.name, pids, started)).start()
     try:
         run_worker(cfg, 0, progress, since=since)
@@ -969,16 +961,16 @@ def sweep(cfg: Config) -> dict[str, Any]:
         if bar is not None:
             bar.close()
     failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
-    done, best = count_done(cfg, storage)
-    ran = lines.tally(storage, cfg.study.name, pids, started).ran_here  # every local worker's
-    out = {"total": n_total, "finished": done, "ran_here": ran, "best": best,
+    end = lines.tally(storage, cfg.study.name, pids, started)  # every local worker's trials
+    out = {"total": n_total, "finished": end.done + end.failed, "ran_here": end.ran_here,
+           "best": end.best,
            "seconds": time.monotonic() - t0, "worker_failures": len(failed),
            "storage": storage_url(cfg), "notes": []}
     if cfg.study.sampler == "bracket":
         from spartune import bracket
 
         out["notes"], missing = bracket.summary(cfg, storage)
-        out["total"] = done + missing  # a search's size is known once it has ended
+        out["total"] = out["finished"] + missing  # a search's size is known once it has ended
     failures.raise_if_failing(cfg, storage, since)  # exit 4: the objective, not the config
     return out
 
